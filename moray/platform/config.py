@@ -1,0 +1,233 @@
+"""The whole config: six sections assembled and validated with pydantic v2.
+
+Each room owns the type of its section (`moray.model.ModelConfig`,
+`moray.parallel.ParallelConfig`, `moray.data.DataConfig` are plain dataclasses
+so those rooms import without pydantic); the sections only the control plane
+reads (`train`, `serve`, `cluster`) are pydantic models here. Every error names
+the key's full path and, for unknown keys, the keys that are allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moray.data.config import DataConfig
+from moray.model.config import ModelConfig
+from moray.parallel.config import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ChaosConfig(_Section):
+    """Fault injection for tests and drills. Nothing happens unless a field is set."""
+
+    kill_worker_at_step: Optional[int] = None  # the rank below exits hard before this step
+    kill_rank: int = 0
+    hang_at_step: Optional[int] = None  # the rank below sleeps inside this step (watchdog test)
+    hang_rank: int = 0
+    crash_during_checkpoint_at_step: Optional[int] = None  # die after shards, before commit
+    nan_at_step: Optional[int] = None  # make this step's loss NaN (train.on_nan test)
+    once: bool = True  # fire only in the first attempt, so the restarted run goes on
+
+
+class TrainConfig(_Section):
+    run_name: str = "run"  # the run lives in <runs_dir>/<run_name>/
+    runs_dir: str = "runs"
+    storage: Optional[str] = None  # checkpoints: local path or pyarrow.fs URI; None = <run>/checkpoints
+    max_steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 4  # sequences per microbatch per dp rank
+    batch_tokens: Optional[int] = None  # global tokens per step after the ramp; None = one microbatch round
+    batch_tokens_start: Optional[int] = None  # global tokens per step at step 0 (ramp start)
+    batch_ramp_tokens: int = 0  # tokens over which the batch grows linearly to batch_tokens
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    lr_decay_steps: Optional[int] = None  # cosine to min_lr over this many steps; None = max_steps
+    weight_decay: float = 0.1
+    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bf16 autocast on GPU)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    log_every: int = 1
+    hang_timeout_s: float = 300.0
+    max_failures: int = 3
+    on_nan: Literal["skip", "halt", "restart"] = "skip"
+    chaos: ChaosConfig = Field(default_factory=ChaosConfig)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "moray"
+    max_num_seqs: int = 64  # sequences in one engine step
+    max_batch_tokens: int = 2048  # token budget of one engine step (prefill chunks + decodes)
+    max_step_latency_ms: Optional[float] = None  # shrink batches to keep a step under this
+    kv_block_size: int = 16  # tokens per KV-cache block
+    kv_cache_blocks: Optional[int] = None  # None = size from free memory
+    max_tokens_default: int = 128
+    draft_config: Optional[str] = None  # config of a draft model for speculative decoding
+    speculative_tokens: int = 4
+
+
+class ClusterConfig(_Section):
+    address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or an embedded local cluster
+    num_workers: Optional[int] = None  # training workers; None = tp * pp * dp (dp from parallel or 1)
+    use_gpu: bool = False
+    gpu: str = "cpu"  # accelerator name in the planner's catalogue (peak FLOP/s for MFU)
+    gpus_per_node: int = 8
+    cpus_per_worker: float = 1.0
+    price_per_gpu_hour: Optional[float] = None
+    peak_flops: Optional[float] = None  # override the catalogue's dense peak per device
+
+
+class MorayConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "MorayConfig":
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                f"({self.model.max_seq_len}); raise model.max_seq_len or lower train.seq_len"
+            )
+        return self
+
+    def world_size(self) -> int:
+        p = self.parallel
+        if self.cluster.num_workers is not None:
+            return self.cluster.num_workers
+        return p.tp * p.pp * (p.dp or 1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = tuple(MorayConfig.model_fields)
+
+
+def _allowed_keys(loc: tuple) -> List[str]:
+    """The keys allowed at a path like ('model',) or ('data', 'sources', 0)."""
+    tp: Any = MorayConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(tp, "model_fields", None) or getattr(tp, "__dataclass_fields__", None)
+        if not fields or part not in fields:
+            return []
+        f = fields[part]
+        tp = getattr(f, "annotation", None) or getattr(f, "type", None)
+        tp = _unwrap(tp)
+    fields = getattr(tp, "model_fields", None) or getattr(tp, "__dataclass_fields__", None)
+    return sorted(fields) if fields else []
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] / List[X] -> X, resolving string annotations of our dataclasses."""
+    import typing
+
+    if isinstance(tp, str):
+        from moray.data import config as dc
+        from moray.model import config as mc
+
+        for mod in (mc, dc):
+            if hasattr(mod, tp.split("[")[-1].rstrip("]")):
+                return getattr(mod, tp.split("[")[-1].rstrip("]"))
+        return tp
+    for arg in typing.get_args(tp):
+        if arg is not type(None):
+            return _unwrap(arg)
+    return tp
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # pydantic puts dataclass fields under the dataclass name: drop those steps.
+        loc = tuple(p for p in loc if p not in ("ModelConfig", "ParallelConfig", "DataConfig", "SourceConfig", "RopeScaling"))
+        path = ".".join(str(p) for p in loc) or "<config>"
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            allowed = _allowed_keys(loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"{path}: unknown key"
+            if hint:
+                msg += f" (did you mean {'.'.join(str(p) for p in loc[:-1] + (hint[0],))}?)"
+            if allowed:
+                msg += f"; allowed keys: {', '.join(allowed)}"
+        else:
+            msg = f"{path}: {e['msg']}"
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[List[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or path[0] not in SECTIONS:
+        raise ConfigError(
+            f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), e.g. model.n_layers=4"
+        )
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: Dict[str, Any]) -> MorayConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)})")
+    try:
+        return MorayConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    except (TypeError, ValueError) as err:  # raised by a dataclass __post_init__
+        raise ConfigError(f"invalid config: {err}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> MorayConfig:
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found; presets live in configs/ (e.g. configs/tiny.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return build_config(apply_overrides(raw, overrides or []))
