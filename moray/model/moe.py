@@ -1,0 +1,223 @@
+"""The Mixture-of-Experts feed-forward layer, and the dense MLP it replaces.
+
+Legend: N = tokens, E = experts, D = d_model, F = ffn_hidden (one expert),
+k = top_k, A = routed assignments (N * k, less any dropped by capacity).
+
+Experts are stacked weights (`w1: (E, D, F)`), so a slice along dim 0 is an
+expert shard; tokens are sorted by expert and every expert runs in one grouped
+matrix product. The router's auxiliary losses put their gradient in place
+inside the layer (as Megatron-Core does), so a pipeline schedule that only sees
+the last stage's loss still trains the router; the values are kept for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moray.model.config import ModelConfig
+
+
+# ---------------------------------------------------------------- grouped matmul
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm` with a backward made of grouped products.
+
+    The CPU build's own backward fails ("Invalid strides/sizes"), so we write it:
+    dx = dy @ w^T per group (2d x 3d), dw = x^T @ dy per group (2d x 2d).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(x.t(), dy, offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.is_cuda:
+        # The CUDA kernel is bf16 on Hopper and newer.
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    # CPU: every row stride must be a multiple of 16 bytes.
+    size = x.element_size()
+    return x.dtype in (torch.float32, torch.bfloat16) and all(
+        (d * size) % 16 == 0 for d in (w.shape[1], w.shape[2])
+    )
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (A, K) sorted by group, w (G, K, N), counts (G,) rows per group -> (A, N)."""
+    if _grouped_mm_ok(x, w):
+        offs = counts.cumsum(0).to(torch.int32)
+        if x.is_cuda:
+            return torch._grouped_mm(x, w, offs)
+        return _GroupedMM.apply(x, w, offs)
+    # Fallback: one product per expert (never per token).
+    chunks = torch.split(x, counts.tolist())
+    return torch.cat([c @ w[g] for g, c in enumerate(chunks)]) if len(chunks) else x.new_zeros(0, w.shape[-1])
+
+
+# ---------------------------------------------------------------- experts
+
+
+class GroupedExperts(nn.Module):
+    """E stacked experts. forward takes tokens already sorted by expert."""
+
+    def __init__(self, n_experts: int, d_model: int, ffn_hidden: int, mlp: str):
+        super().__init__()
+        self.mlp = mlp
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, ffn_hidden))  # gate (swiglu) / up (gelu)
+        self.w2 = nn.Parameter(torch.empty(n_experts, ffn_hidden, d_model))  # down
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, ffn_hidden)) if mlp == "swiglu" else None  # up
+        # Global id of the first expert held here; an expert-parallel shard sets it,
+        # so each expert gets the same initial weights under any layout.
+        self.expert_offset = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (A, D) sorted by expert, counts (E,) -> (A, D)."""
+        h = grouped_mm(x, self.w1, counts)  # (A, F)
+        if self.w3 is not None:
+            h = F.silu(h) * grouped_mm(x, self.w3, counts)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return grouped_mm(h, self.w2, counts)  # (A, D)
+
+
+class MLP(nn.Module):
+    """The dense feed-forward (n_experts == 1), same naming as one expert."""
+
+    def __init__(self, d_model: int, ffn_hidden: int, mlp: str):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn_hidden, bias=False)
+        self.w2 = nn.Linear(ffn_hidden, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, ffn_hidden, bias=False) if mlp == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        h = F.silu(h) * self.w3(x) if self.w3 is not None else F.gelu(h, approximate="tanh")
+        return self.w2(h)
+
+
+# ---------------------------------------------------------------- routing
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on `out`; in backward, hands `aux` a gradient of `scale`.
+
+    This adds `scale * aux` to the objective without the caller having to add
+    it to the loss (Megatron-Core's MoEAuxLossAutoScaler).
+    """
+
+    @staticmethod
+    def forward(ctx, out, aux, scale: float):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        ctx.aux_dtype = aux.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch Transformer's loss, E * sum_i f_i * P_i; exactly 1 for uniform routing.
+
+    f_i: share of the N*k assignments that go to expert i; P_i: mean router
+    probability of expert i over the N tokens.
+    """
+    f = torch.bincount(expert_ids.flatten(), minlength=n_experts).float() / expert_ids.numel()
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+def capacity_keep_mask(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """expert_ids (N, k) -> bool (N, k): which assignments fit in each expert's capacity.
+
+    Priority as in GShard: every token's first choice before any second choice,
+    then token order; the overflow beyond `capacity` per expert is dropped.
+    """
+    by_priority = expert_ids.t().reshape(-1)  # (k * N,), slot-major
+    one_hot = F.one_hot(by_priority, n_experts)  # (kN, E)
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each assignment within its expert
+    keep = position < capacity
+    return keep.view(expert_ids.shape[1], -1).t()  # (N, k)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.capacity_factor = cfg.n_experts, cfg.top_k, cfg.capacity_factor
+        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)  # the router
+        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.ffn_hidden, cfg.mlp)
+        # The objective is mean over MoE layers of each loss, so each layer carries coef / L.
+        self.aux_loss_coef = cfg.aux_loss_coef / cfg.n_layers
+        self.z_loss_coef = cfg.z_loss_coef / cfg.n_layers
+        self.aux_grad_scale = 1.0  # the trainer's loss scale (1 / microbatches); see set_aux_grad_scale
+        self.last_stats: Optional[dict] = None
+
+    def capacity(self, n_tokens: int) -> Optional[int]:
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # (N, D)
+        N = xf.shape[0]
+        logits = self.gate(xf).float()  # (N, E); routing in float32
+        probs = logits.softmax(-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(-1, keepdim=True)
+
+        balance = load_balancing_loss(probs, expert_ids, self.n_experts)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)
+
+        token_ids = torch.arange(N, device=x.device).repeat_interleave(self.top_k)  # (N*k,)
+        flat_experts, flat_weights = expert_ids.reshape(-1), weights.reshape(-1)
+        cap = self.capacity(N)
+        if cap is not None:
+            keep = capacity_keep_mask(expert_ids, self.n_experts, cap).reshape(-1)
+            token_ids, flat_experts, flat_weights = token_ids[keep], flat_experts[keep], flat_weights[keep]
+
+        order = torch.argsort(flat_experts, stable=True)  # (A,) sorted by expert
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        routed = self.experts(xf[token_ids[order]], counts)  # (A, D)
+        routed = routed * flat_weights[order, None].to(routed.dtype)
+        out = torch.zeros_like(xf).index_add_(0, token_ids[order], routed.to(xf.dtype))
+
+        if torch.is_grad_enabled() and logits.requires_grad:
+            aux = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
+            out = _AuxLossGrad.apply(out, aux, self.aux_grad_scale)
+        self.last_stats = {
+            "load_balancing_loss": balance.detach(),
+            "z_loss": z_loss.detach(),
+            "tokens_per_expert": tokens_per_expert.detach(),
+            "dropped": torch.tensor(N * self.top_k - flat_experts.numel()),
+        }
+        return out.view(shape)
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """Scale the router losses' gradient like the main loss (e.g. 1 / microbatches)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.aux_grad_scale = scale

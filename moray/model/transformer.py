@@ -1,0 +1,150 @@
+"""The decoder-only MoE transformer: embedding -> blocks -> norm -> output.
+
+One `forward(tokens, input_pos)` serves training (input_pos None: causal over
+the whole sequence) and inference (input_pos given: prefill then decode against
+the KV cache). Pipeline stages are this same module with parts set to None
+and layers removed (layers is a ModuleDict keyed by global index, so parameter
+names stay the same under every layout and checkpoints move between layouts).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from moray.model.config import ModelConfig
+from moray.model.layers import Attention, KVCache, RMSNorm, rope_tables
+from moray.model.moe import MLP, GroupedExperts, MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = MoE(cfg) if cfg.is_moe else MLP(cfg.d_model, cfg.ffn_hidden, cfg.mlp)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass
+class MoEAux:
+    """Router statistics of the last forward, means over MoE layers (for logging:
+    their gradients are already applied inside each layer)."""
+
+    load_balancing_loss: torch.Tensor  # 1.0 = perfectly balanced
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # (layers, E) assignments per expert, before capacity drops
+    dropped: torch.Tensor  # assignments dropped by capacity, all layers
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                return_aux: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[MoEAux]]]:
+        """tokens (B, T) int -> logits (B, T, vocab).
+
+        A stage without embeddings takes hidden states (B, T, D) instead, and one
+        without the output head returns hidden states.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        T = h.shape[1]
+        if input_pos is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, input_pos)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return (h, self.moe_aux()) if return_aux else h
+
+    def moe_aux(self) -> Optional[MoEAux]:
+        stats = [m.last_stats for m in self.modules() if isinstance(m, MoE) and m.last_stats is not None]
+        if not stats:
+            return None
+        return MoEAux(
+            load_balancing_loss=torch.stack([s["load_balancing_loss"] for s in stats]).mean(),
+            z_loss=torch.stack([s["z_loss"] for s in stats]).mean(),
+            tokens_per_expert=torch.stack([s["tokens_per_expert"] for s in stats]),
+            dropped=torch.stack([s["dropped"] for s in stats]).sum(),
+        )
+
+    # ------------------------------------------------------------ inference
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> None:
+        ref = next(self.parameters())
+        length = max_seq_len or self.cfg.max_seq_len
+        for layer in self.layers.values():
+            att = layer.attention
+            att.kv_cache = KVCache(batch_size, length, att.wk.out_features // att.head_dim, att.head_dim,
+                                   dtype=dtype or ref.dtype, device=ref.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers.values():
+            layer.attention.kv_cache = None
+
+    # ------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init keyed by parameter name (and global expert id).
+
+        Any part of the model (a pipeline stage, an expert shard) built and
+        initialised on its own gets exactly the values the whole model would.
+        Works after `to_empty()` from the meta device.
+        """
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        std = self.cfg.init_std
+        for mod_name, module in self.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                if isinstance(module, RMSNorm):
+                    p.fill_(1.0)
+                elif isinstance(module, GroupedExperts):
+                    for e in range(p.shape[0]):
+                        p[e].copy_(_normal(p[e].shape, std, seed, f"{name}#{module.expert_offset + e}"))
+                else:
+                    p.copy_(_normal(p.shape, std, seed, name))
+
+
+def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device: Union[str, torch.device] = "cpu",
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build on the meta device, materialise on `device`, then initialise."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(dtype)
