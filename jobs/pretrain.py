@@ -1,0 +1,48 @@
+"""Pretrain a MoE transformer on Ray.
+
+    python jobs/pretrain.py --config configs/tiny.yaml [--set k=v ...] [--resume auto|never|PATH]
+    ray job submit --working-dir . -- python jobs/pretrain.py --config configs/tiny.yaml
+
+With no RAY_ADDRESS it starts an embedded local Ray cluster. The run writes
+runs/<run_name>/ (config.yaml, metrics.jsonl, events.jsonl, checkpoints/,
+loss.png); under `ray job submit` relative paths land in Ray's copy of the
+working directory, so point train.runs_dir / train.storage at an absolute path
+or a storage URI for a run that must outlive the job.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import _common
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.splitlines()[1])
+    p.add_argument("--resume", default="auto",
+                   help="auto: from the latest committed checkpoint if any; never: start fresh; "
+                        "or a checkpoint path / step number")
+    args = p.parse_args(argv)
+    cfg = _common.load(args)
+
+    from moray.data import DataError, TokenizerError
+    from moray.data.prepare import ensure_prepared
+    from moray.data.sources import SourceError
+    from moray.platform.config import ConfigError
+    from moray.platform.controller import RunFailed, run_pretraining
+
+    try:
+        ensure_prepared(cfg)
+        result = run_pretraining(cfg, resume=args.resume)
+    except (ConfigError, RunFailed, DataError, SourceError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    if m:
+        print(f"done: {len(m)} steps logged, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}; "
+              f"run in {result.run_dir}" + (f"; plot {result.loss_png}" if result.loss_png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Training layouts: check one, or search all TP x PP x EP x DP on a cluster.
+
+A layout is feasible when it divides the cluster (world = tp x pp x dp, ep
+carved out of dp), keeps tensor parallelism inside a node, splits the heads,
+the FFN columns and the experts evenly, gives every stage a layer, and fits
+the card at some micro-batch size (the configured one or a power-of-two
+fraction) with or without activation checkpointing. Feasible layouts are
+ranked by modelled throughput (steptime.py); each rejected one keeps its reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from moray.parallel.config import ParallelConfig
+from moray.platform.planner.errors import PlanError
+from moray.platform.planner.memory import MemoryEstimate, estimate_memory_per_stage
+from moray.platform.planner.steptime import StepEstimate, estimate_step
+from moray.platform.planner.units import gib
+from moray.platform.planner.workload import Workload
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    micro_batch_size: int = 1
+    activation_checkpointing: bool = False
+    sequence_parallel: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def label(self) -> str:
+        return f"tp{self.tp} pp{self.pp} ep{self.ep} dp{self.dp}"
+
+    def to_dict(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp, "gpus": self.gpus,
+                "micro_batch_size": self.micro_batch_size, "activation_checkpointing": self.activation_checkpointing,
+                "sequence_parallel": self.sequence_parallel}
+
+    @property
+    def variant(self) -> str:
+        extras = ["checkpointing"] * self.activation_checkpointing + ["sequence parallel"] * self.sequence_parallel
+        return ", ".join([f"micro-batch {self.micro_batch_size}"] + extras)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate  # the rank with the most memory
+    step: StepEstimate
+
+    def to_dict(self) -> dict:
+        return {**self.layout.to_dict(), "bytes_per_gpu": self.memory.total_bytes,
+                "memory": self.memory.to_dict(), "step": self.step.to_dict()}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    layout: Layout
+    kind: str  # "structure" | "memory"
+    reason: str
+    bytes_per_gpu: Optional[float] = None  # memory: what its leanest variant needs
+
+    def to_dict(self) -> dict:
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep, "dp": self.layout.dp,
+                "kind": self.kind, "reason": self.reason, "bytes_per_gpu": self.bytes_per_gpu}
+
+
+@dataclass
+class SearchResult:
+    n_gpus: int
+    feasible: List[Candidate] = field(default_factory=list)  # fastest first
+    rejected: List[Rejection] = field(default_factory=list)
+
+
+def structural_problem(w: Workload, tp: int, pp: int, ep: int, n_gpus: int) -> Optional[str]:
+    """Why tp x pp x ep cannot run on n_gpus at all (memory aside), or None."""
+    cfg = w.model
+    if min(tp, pp, ep) < 1:
+        return f"tp, pp and ep must be at least 1 (got tp {tp}, pp {pp}, ep {ep})"
+    if tp > w.gpus_per_node:
+        return (f"tp {tp} spans nodes ({w.gpus_per_node} GPUs per node): its all-reduces run in every "
+                f"block and need NVLink; use tp <= {w.gpus_per_node}")
+    if n_gpus % (tp * pp):
+        return f"{n_gpus:,} GPUs are not divisible by tp x pp = {tp * pp}"
+    dp = n_gpus // (tp * pp)
+    for name, size in (("n_heads", cfg.n_heads), ("ffn_hidden", cfg.ffn_hidden)):
+        if size % tp:
+            return f"tp {tp} does not divide model.{name} = {size}"
+    if cfg.n_kv_heads % tp and tp % cfg.n_kv_heads:
+        return f"tp {tp} and model.n_kv_heads {cfg.n_kv_heads}: one must divide the other"
+    if pp > cfg.n_layers:
+        return f"pp {pp} is more stages than the model's {cfg.n_layers} layers"
+    if ep > 1 and not cfg.is_moe:
+        return "ep > 1 but the model is dense (model.n_experts = 1)"
+    if cfg.n_experts % ep:
+        return f"ep {ep} does not divide model.n_experts = {cfg.n_experts}"
+    if dp % ep:
+        return f"ep {ep} does not divide dp {dp} (expert parallelism is carved out of data parallelism)"
+    if w.batch_tokens is not None and dp * w.seq_len > w.batch_tokens:
+        return (f"dp {dp} x seq_len {w.seq_len} is more than the global batch of {w.batch_tokens:,} tokens: "
+                "some data-parallel ranks would get no sequence")
+    most = w.microbatches_for(pp, dp, 1)
+    if pp > 1 and w.schedule != "gpipe" and most < pp:
+        given = (f"parallel.microbatches is {most}" if w.microbatches is not None else
+                 f"the batch gives at most {most} at dp {dp}")
+        return f"{w.schedule} needs at least pp = {pp} microbatches per step; {given}"
+    return None
+
+
+def schedule_fits(w: Workload, pp: int, dp: int, micro_batch_size: int) -> bool:
+    """1F1B needs pp microbatches in flight (the trainer refuses fewer)."""
+    return pp == 1 or w.schedule == "gpipe" or w.microbatches_for(pp, dp, micro_batch_size) >= pp
+
+
+def _micro_batch_sizes(largest: int) -> List[int]:
+    sizes, mbs = [], max(1, largest)
+    while mbs >= 1:
+        sizes.append(mbs)
+        mbs //= 2
+    return sizes
+
+
+def memory_of(w: Workload, layout: Layout) -> MemoryEstimate:
+    """The fullest rank of a layout: stage 0 has the embedding and the most microbatches in
+    flight, stage 1 the most blocks of the rest (earlier stages take more), the last the head."""
+    par = ParallelConfig(tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp, schedule=w.schedule,
+                         virtual_stages=w.virtual_stages, zero=w.zero,
+                         activation_checkpointing=layout.activation_checkpointing)
+    m = w.microbatches_for(layout.pp, layout.dp, layout.micro_batch_size)
+    stages = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
+    per_stage = estimate_memory_per_stage(w.model, par, layout.micro_batch_size, w.seq_len, w.dtype,
+                                          sequence_parallel=layout.sequence_parallel, microbatches=m, stages=stages)
+    return max(per_stage, key=lambda e: e.total_bytes)
+
+
+def evaluate(w: Workload, layout: Layout, step: Optional[StepEstimate] = None) -> Candidate:
+    """Memory of the fullest rank and the modelled step, for one fully specified layout."""
+    if step is None:
+        step = estimate_step(w, layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size,
+                             layout.activation_checkpointing)
+    return Candidate(layout, memory_of(w, layout), step)
+
+
+def best_variant(w: Workload, tp: int, pp: int, ep: int, dp: int) -> tuple[Optional[Candidate], Candidate]:
+    """The fastest variant that fits (or None), and the leanest one. Variants: the configured
+    micro-batch and its halves, activation checkpointing off/on, sequence parallelism off/on
+    when tp > 1. Checkpointing only adds time and sequence parallelism none, so each is
+    tried only when the plainer variant does not fit."""
+    sps = (False, True) if tp > 1 and w.allow_sequence_parallel else (False,)
+    sizes = [m for m in _micro_batch_sizes(w.micro_batch_size) if schedule_fits(w, pp, dp, m)] or [1]
+    leanest = evaluate(w, Layout(tp, pp, ep, dp, sizes[-1], True, sps[-1]))
+    if leanest.memory.total_bytes > w.usable_bytes:
+        return None, leanest
+    best = None
+    for mbs in sizes:
+        for ac in (False, True):
+            fitting = next((lay for lay in (Layout(tp, pp, ep, dp, mbs, ac, sp) for sp in sps)
+                            if memory_of(w, lay).total_bytes <= w.usable_bytes), None)
+            if fitting is None:
+                continue
+            c = evaluate(w, fitting)
+            if best is None or c.step.modeled_mfu > best.step.modeled_mfu * (1 + 1e-9):
+                best = c
+            break
+    return best, leanest
+
+
+def memory_reason(w: Workload, c: Candidate) -> str:
+    m = c.memory
+    return (f"needs {gib(m.total_bytes):.2f} GiB per GPU on stage {m.stage} (weights {gib(m.weights_bytes):.1f}, "
+            f"grads {gib(m.grads_bytes):.1f}, optimizer {gib(m.optimizer_bytes):.1f}, activations "
+            f"{gib(m.activations_bytes):.1f}) > {gib(w.usable_bytes):.2f} GiB usable on "
+            f"{w.accelerator.name}, even at {c.layout.variant}")
+
+
+def divisors(n: int) -> List[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def search_layouts(w: Workload, n_gpus: int) -> SearchResult:
+    cfg = w.model
+    result = SearchResult(n_gpus=n_gpus)
+    for tp in [t for t in divisors(w.gpus_per_node) if n_gpus % t == 0]:
+        for pp in [p for p in divisors(n_gpus // tp) if p <= cfg.n_layers]:
+            dp = n_gpus // (tp * pp)
+            for ep in [e for e in divisors(math.gcd(cfg.n_experts, dp))] if cfg.is_moe else [1]:
+                shape = Layout(tp, pp, ep, dp)
+                problem = structural_problem(w, tp, pp, ep, n_gpus)
+                if problem:
+                    result.rejected.append(Rejection(shape, "structure", problem))
+                    continue
+                best, leanest = best_variant(w, tp, pp, ep, dp)
+                if best is None:
+                    result.rejected.append(Rejection(shape, "memory", memory_reason(w, leanest),
+                                                     leanest.memory.total_bytes))
+                else:
+                    result.feasible.append(best)
+    result.feasible.sort(key=lambda c: -c.step.modeled_mfu)
+    return result
+
+
+def nearest_multiples(n: int, unit: int) -> List[int]:
+    below, above = (n // unit) * unit, -(-n // unit) * unit
+    return sorted({x for x in (below, above) if x > 0})
+
+
+@dataclass(frozen=True)
+class LayoutCheck:
+    configured: Candidate  # as the config asks (micro-batch, checkpointing, no sequence parallelism)
+    fitting: Candidate  # the configured one when it fits, else its fastest variant that does
+
+
+def check_layout(w: Workload, tp: int, pp: int, ep: int, n_gpus: int) -> LayoutCheck:
+    """The configured layout on n_gpus, or a PlanError saying why it cannot run and what would fit."""
+    problem = structural_problem(w, tp, pp, ep, n_gpus)
+    if problem is None:
+        dp = n_gpus // (tp * pp)
+        configured = evaluate(w, Layout(tp, pp, ep, dp, w.micro_batch_size, w.activation_checkpointing))
+        if configured.memory.total_bytes <= w.usable_bytes:
+            return LayoutCheck(configured, configured)
+        best, leanest = best_variant(w, tp, pp, ep, dp)
+        if best is not None:
+            return LayoutCheck(configured, best)
+        problem = memory_reason(w, leanest)
+    hints = []
+    if problem.startswith("needs "):  # memory: other expert-parallel degrees of the same layout first
+        dp = n_gpus // (tp * pp)
+        for other in [e for e in divisors(math.gcd(w.model.n_experts, dp)) if e != ep]:
+            best = best_variant(w, tp, pp, other, dp)[0]
+            if best is not None:
+                hints.append(f"ep {other} (--set parallel.ep={other}): {best.layout.label}, {best.layout.variant}, "
+                             f"{gib(best.memory.total_bytes):.1f} GiB")
+                break
+    if n_gpus % (tp * pp) and tp <= w.gpus_per_node:
+        hints.append(f"{' or '.join(f'{x:,}' for x in nearest_multiples(n_gpus, tp * pp))} GPUs "
+                     f"keep tp {tp} x pp {pp}")
+    found = search_layouts(w, n_gpus).feasible[:3]
+    if found:
+        hints.append(f"on {n_gpus:,} GPUs: " + "; ".join(
+            f"{c.layout.label} ({c.layout.variant}, {gib(c.memory.total_bytes):.1f} GiB)"
+            for c in found))
+    else:
+        hints.append(f"no layout of this model fits {n_gpus:,} x {w.accelerator.name}; "
+                     "use more GPUs or a card with more memory")
+    raise PlanError(f"layout tp {tp} x pp {pp} x ep {ep} on {n_gpus:,} GPUs: {problem}.\n"
+                    f"  what would fit: " + "\n  what would fit: ".join(hints))

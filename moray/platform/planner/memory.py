@@ -1,0 +1,254 @@
+"""Per-GPU memory of one training rank: weights, gradients, optimizer state, activations.
+
+Bytes per parameter (`dtype`):
+  float32   4 weights + 4 grads + 8 Adam (m, v) = 16; no master copy (CPU runs).
+  bfloat16  2 bf16 weights + 2 bf16 grads + 12 optimizer (fp32 master, m, v) = 16:
+            the ZeRO paper's count (Rajbhandari et al. 2020: "2 + 2 + K, K = 12").
+            Megatron's distributed optimizer keeps fp32 main grads (18); we count 16.
+ZeRO-1 shards the optimizer part (master + Adam) over the data-parallel group:
+dense parameters over dp, expert parameters over the expert-data-parallel
+group dp / ep (expert parallelism is carved out of data parallelism).
+
+A rank holds what moray.parallel gives it (stage s of pp, one of tp tensor
+ranks, one of ep expert ranks):
+- its stage's layers, split as `moray.parallel.pipeline.partition_layers`
+  splits them (contiguous, balanced by cost, the embedding and head costed on
+  the first and last stage); stage 0 holds the token embedding, the last stage
+  the final norm and the output head (a tied head is a copy there when pp > 1);
+  with interleaved 1F1B, rank r holds stages r, r + pp, ...;
+- 1/tp of q, o and of every expert's (or the dense MLP's) columns; the norms,
+  the router, the embedding and the head whole; K and V split like q when tp
+  divides n_kv_heads, else whole on every tensor rank (MQA's single head);
+- n_experts / ep experts.
+
+Activations: see activations.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from moray.model.config import ModelConfig
+from moray.model.params import expert_params
+from moray.parallel.config import ParallelConfig
+from moray.platform.planner.activations import (layer_activation_bytes, microbatches_in_flight,
+                                                stage_extra_activation_bytes)
+from moray.platform.planner.errors import PlanError
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight: int  # bytes per parameter: the copy forward reads
+    grad: int
+    master: int  # fp32 master copy, owned by the optimizer (sharded by ZeRO-1)
+    adam: int  # Adam m and v (sharded by ZeRO-1)
+    activation: int  # bytes per activation element
+
+
+PRECISIONS = {
+    "float32": Precision(weight=4, grad=4, master=0, adam=8, activation=4),
+    "bfloat16": Precision(weight=2, grad=2, master=4, adam=8, activation=2),
+}
+
+
+def precision(dtype: str) -> Precision:
+    if dtype not in PRECISIONS:
+        raise PlanError(f"unknown dtype {dtype!r}; the planner knows {', '.join(PRECISIONS)}")
+    return PRECISIONS[dtype]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One rank's peak tensor memory, in bytes."""
+
+    stage: int
+    layers: int  # transformer blocks on this stage
+    params: int  # parameters held by this rank
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float  # includes recompute_bytes
+    microbatches_in_flight: float
+    recompute_bytes: float = 0.0  # checkpointing: the one block rebuilt in backward (a CPU saved-tensor
+    # hook does not see it: it lives inside torch.utils.checkpoint)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True)
+class RankParams:
+    dense: int  # replicated over dp: attention, norms, router, embeddings, a dense MLP
+    expert: int  # replicated over dp / ep only
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def stage_layer_counts(cfg: ModelConfig, num_stages: int, seq_len: Optional[int] = None) -> List[int]:
+    """Blocks per pipeline stage, as `moray.parallel.pipeline.partition_layers` splits them.
+
+    Its objective (least sum of squared stage costs, blocks alike, the
+    embedding and head costed on the end stages) is separable and convex, so
+    giving blocks one at a time to the cheapest stage (earlier stages on ties)
+    reaches the same optimum in O(n log p) instead of its O(p n^2).
+    """
+    from moray.parallel.pipeline import head_cost, layer_cost
+
+    if not 1 <= num_stages <= cfg.n_layers:
+        raise PlanError(f"pp={num_stages} stages for {cfg.n_layers} layers: each stage needs a layer; "
+                        f"use pp <= {cfg.n_layers}")
+    return list(_balanced(cfg.n_layers, num_stages, layer_cost(cfg, seq_len or cfg.max_seq_len), head_cost(cfg)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _balanced(n: int, num_stages: int, block: float, edge: float) -> Tuple[int, ...]:
+    counts = [1] * num_stages
+    heap = [(block + edge * ((s == 0) + (s == num_stages - 1)), s) for s in range(num_stages)]
+    heapq.heapify(heap)
+    for _ in range(n - num_stages):
+        cost, s = heapq.heappop(heap)
+        counts[s] += 1
+        heapq.heappush(heap, (cost + block, s))
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class PipelineRank:
+    layers: int  # blocks held (summed over its virtual stages)
+    first: bool  # holds the token embedding
+    last: bool  # holds the final norm and the output head
+
+
+def pipeline_ranks(cfg: ModelConfig, pp: int, seq_len: Optional[int] = None, virtual_stages: int = 1,
+                   layer_counts: Optional[Sequence[int]] = None) -> List[PipelineRank]:
+    """What each of the pp pipeline ranks holds; interleaved: rank r has stages r, r + pp, ...
+    seq_len None costs attention at model.max_seq_len, as the trainer's split does."""
+    n_stages = pp * virtual_stages
+    counts = list(layer_counts) if layer_counts is not None else stage_layer_counts(cfg, n_stages, seq_len)
+    if len(counts) != n_stages or sum(counts) != cfg.n_layers or min(counts) < 1:
+        raise PlanError(f"layer_counts {counts} must give {n_stages} stages of >= 1 layer summing to {cfg.n_layers}")
+    return list(_ranks(tuple(counts), pp, virtual_stages))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ranks(counts: Tuple[int, ...], pp: int, virtual_stages: int) -> Tuple[PipelineRank, ...]:
+    return tuple(PipelineRank(sum(counts[r + v * pp] for v in range(virtual_stages)), r == 0, r == pp - 1)
+                 for r in range(pp))
+
+
+def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int) -> RankParams:
+    d = cfg.d_model
+    qo = 2 * d * cfg.n_heads * cfg.head_dim // tp
+    kv = 2 * d * cfg.n_kv_heads * cfg.head_dim
+    kv = kv // tp if cfg.n_kv_heads % tp == 0 else kv  # fewer KV heads than ranks: whole on each
+    router = d * cfg.n_experts if cfg.is_moe else 0
+    ffn = expert_params(cfg) // tp
+    dense = rank.layers * (qo + kv + 2 * d + router)
+    expert = rank.layers * (cfg.n_experts // ep) * ffn if cfg.is_moe else 0
+    if not cfg.is_moe:
+        dense += rank.layers * ffn
+    table = cfg.vocab_size * d
+    if rank.first:
+        dense += table
+    if rank.last:
+        dense += d  # final norm
+        if not cfg.tie_embeddings or pp > 1:
+            dense += table  # output head (a tied head is a copy on the last stage)
+    return RankParams(dense=dense, expert=expert)
+
+
+def estimate_memory(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    micro_batch_size: int,
+    seq_len: int,
+    dtype: str = "bfloat16",
+    zero: Optional[int] = None,
+    activation_checkpointing: Optional[bool] = None,
+    *,
+    sequence_parallel: bool = False,
+    stage: Optional[int] = None,
+    dp: Optional[int] = None,
+    microbatches: Optional[int] = None,
+    layer_counts: Optional[Sequence[int]] = None,
+) -> MemoryEstimate:
+    """Peak tensor memory of one rank of `parallel_cfg`; `stage=None` gives the stage with the most.
+
+    zero / activation_checkpointing / microbatches default to parallel_cfg's;
+    dp defaults to parallel_cfg.dp and is required when ZeRO-1 shards over it;
+    sequence_parallel: token-wise tensors split over the tensor ranks (Megatron's SP);
+    layer_counts overrides the split (blocks per stage; pp x virtual_stages of them).
+    """
+    per_stage = estimate_memory_per_stage(
+        model_cfg, parallel_cfg, micro_batch_size, seq_len, dtype, zero, activation_checkpointing,
+        sequence_parallel=sequence_parallel, dp=dp, microbatches=microbatches, layer_counts=layer_counts,
+        stages=None if stage is None else [stage],
+    )
+    return max(per_stage, key=lambda m: m.total_bytes)
+
+
+def estimate_memory_per_stage(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    micro_batch_size: int,
+    seq_len: int,
+    dtype: str = "bfloat16",
+    zero: Optional[int] = None,
+    activation_checkpointing: Optional[bool] = None,
+    *,
+    sequence_parallel: bool = False,
+    dp: Optional[int] = None,
+    microbatches: Optional[int] = None,
+    layer_counts: Optional[Sequence[int]] = None,
+    stages: Optional[Sequence[int]] = None,
+) -> List[MemoryEstimate]:
+    cfg, par = model_cfg, parallel_cfg
+    prec = precision(dtype)
+    zero = par.zero if zero is None else zero
+    ac = par.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    m = par.num_microbatches if microbatches is None else microbatches
+    v = par.virtual_stages if par.schedule == "interleaved_1f1b" and par.pp > 1 else 1
+    ranks = pipeline_ranks(cfg, par.pp, virtual_stages=v, layer_counts=layer_counts)
+    if cfg.n_experts % par.ep:
+        raise PlanError(f"ep={par.ep} does not divide n_experts={cfg.n_experts}")
+    dp = dp if dp is not None else par.dp
+    if zero and dp is None:
+        raise PlanError("ZeRO-1 shards over the data-parallel group: pass dp= or set parallel.dp "
+                        "(ParallelConfig.resolved_dp(world_size))")
+    dp = dp or 1
+    if dp % par.ep:
+        raise PlanError(f"ep={par.ep} must divide dp={dp}: expert parallelism is carved out of data parallelism")
+    edp = dp // par.ep
+    tokens = micro_batch_size * seq_len
+    sp = sequence_parallel and par.tp > 1
+    layer = layer_activation_bytes(cfg, par.tp, prec.activation, sp)
+    block_input = prec.activation * cfg.d_model / (par.tp if sp else 1)
+    out = []
+    for s in range(par.pp) if stages is None else stages:
+        rank = ranks[s]
+        params = rank_params(cfg, par.tp, par.ep, rank, par.pp)
+        sharded = params.dense / dp + params.expert / edp if zero else params.total
+        flight = microbatches_in_flight(par.schedule, par.pp, s, m, par.virtual_stages)
+        extra = stage_extra_activation_bytes(cfg, par.tp, prec.activation, rank.first, rank.last, sp)
+        recompute = tokens * layer if ac else 0.0
+        per_block = block_input if ac else layer  # checkpointing keeps only each block's input
+        activations = flight * tokens * (rank.layers * per_block + extra) + recompute
+        out.append(MemoryEstimate(
+            stage=s, layers=rank.layers, params=params.total,
+            weights_bytes=params.total * prec.weight,
+            grads_bytes=params.total * prec.grad,
+            optimizer_bytes=sharded * (prec.master + prec.adam),
+            activations_bytes=activations,
+            microbatches_in_flight=flight,
+            recompute_bytes=recompute,
+        ))
+    return out

@@ -1,0 +1,186 @@
+"""A plan: the request, resolved once, and the sections built from it in order.
+
+Each section is a `Section(name, build, render)`: `build(request, done)` gets
+the sections built before it (`done["training"]["days"]`, ...) and returns a
+JSON-ready dict whose keys are snake_case with their unit in the name;
+`render(section)` returns the human report's lines. Adding a section (issue 6's
+`goodput`) is one `Section` in `SECTIONS`; its own flags go in `add_arguments`
+and reach `build` as `request.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from moray.platform.planner.catalogue import Accelerator, get_accelerator, load_catalogue
+from moray.platform.planner.errors import PlanError
+from moray.platform.planner.layouts import best_variant, structural_problem
+from moray.platform.planner.workload import DEFAULT_USABLE_FRACTION, Workload
+
+DEFAULT_MFU = 0.40  # between the seed's 32-36% and Megatron-Core's ~47% for Mixtral on H100
+MAX_DEFAULT_GPUS = 1 << 20
+
+
+@dataclass
+class PlanRequest:
+    config: Any  # moray.platform.config.MorayConfig
+    accelerator: Accelerator
+    catalogue: Mapping[str, Accelerator]
+    gpus: int
+    gpus_source: str
+    gpus_per_node: int
+    price_per_gpu_hour: Optional[float]
+    mfu: float
+    mfu_source: str
+    tokens: float
+    tokens_source: str
+    days: Optional[float] = None  # a duration to turn into an implied MFU
+    usable_fraction: float = DEFAULT_USABLE_FRACTION
+    serve_accelerator: Optional[Accelerator] = None
+    serve_tp: Optional[int] = None
+    serve_pp: Optional[int] = None
+    context: Optional[int] = None
+    seed_check: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self):
+        return self.config.model
+
+    def workload(self, accelerator: Optional[Accelerator] = None, gpus_per_node: Optional[int] = None) -> Workload:
+        c = self.config
+        return Workload(
+            model=c.model, accelerator=accelerator or self.accelerator,
+            gpus_per_node=gpus_per_node or self.gpus_per_node, seq_len=c.train.seq_len,
+            micro_batch_size=c.train.micro_batch_size, batch_tokens=c.train.batch_tokens,
+            microbatches=c.parallel.microbatches, dtype=c.train.dtype, zero=c.parallel.zero,
+            schedule=c.parallel.schedule, virtual_stages=c.parallel.virtual_stages,
+            usable_fraction=self.usable_fraction, activation_checkpointing=c.parallel.activation_checkpointing,
+        )
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    build: Callable[[PlanRequest, Dict[str, dict]], dict]
+    render: Callable[[dict], List[str]]
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+
+
+def sections() -> List[Section]:
+    """The report, in order. Imported late so the registry is one list in one place."""
+    from moray.platform.planner import report, seed_check
+    from moray.platform.planner import sections as s
+
+    return [
+        Section("model", s.model_section, report.render_model),
+        Section("training", s.training_section, report.render_training),
+        Section("memory", s.memory_section, report.render_memory),
+        Section("layouts", s.layouts_section, report.render_layouts),
+        Section("inference", s.inference_section, report.render_inference),
+        # issue 6: Section("goodput", goodput.build, goodput.render, goodput.add_arguments),
+        Section("seed_check", seed_check.seed_check_section, report.render_seed_check),
+    ]
+
+
+def build_plan(request: PlanRequest) -> Dict[str, dict]:
+    done: Dict[str, dict] = {"inputs": inputs_section(request)}
+    for section in sections():
+        if section.name == "seed_check" and not request.seed_check:
+            continue
+        done[section.name] = section.build(request, done)
+    return done
+
+
+def inputs_section(r: PlanRequest) -> dict:
+    c = r.config
+    return {
+        "accelerator": r.accelerator.to_dict(),
+        "gpus": r.gpus, "gpus_source": r.gpus_source, "gpus_per_node": r.gpus_per_node,
+        "price_usd_per_gpu_hour": r.price_per_gpu_hour,
+        "mfu": r.mfu, "mfu_source": r.mfu_source,
+        "tokens": r.tokens, "tokens_source": r.tokens_source,
+        "seq_len_tokens": c.train.seq_len, "micro_batch_size": c.train.micro_batch_size,
+        "batch_tokens": c.train.batch_tokens, "dtype": c.train.dtype,
+        "usable_memory_fraction": r.usable_fraction,
+    }
+
+
+def resolve_request(config: Any, *, gpu: Optional[str] = None, gpus: Optional[int] = None,
+                    gpus_per_node: Optional[int] = None, price_per_gpu_hour: Optional[float] = None,
+                    mfu: Optional[float] = None, tokens: Optional[float] = None, days: Optional[float] = None,
+                    accelerators: Optional[str] = None, serve_gpu: Optional[str] = None,
+                    serve_tp: Optional[int] = None, serve_pp: Optional[int] = None, context: Optional[int] = None,
+                    usable_fraction: float = DEFAULT_USABLE_FRACTION, seed_check: bool = True,
+                    options: Optional[Mapping[str, Any]] = None) -> PlanRequest:
+    """Fill every input from the flags, else the config, else a stated default."""
+    cluster, train = config.cluster, config.train
+    catalogue = load_catalogue(accelerators)
+    accelerator = get_accelerator(gpu or cluster.gpu, catalogue)
+    if cluster.peak_flops is not None:
+        accelerator = replace(accelerator, peak_flops=float(cluster.peak_flops),
+                              source=accelerator.source + f"; peak overridden by cluster.peak_flops")
+    per_node = gpus_per_node or cluster.gpus_per_node
+    for name, value in (("gpus", gpus), ("gpus-per-node", per_node), ("days", days), ("tokens", tokens),
+                        ("context", context), ("serve-tp", serve_tp), ("serve-pp", serve_pp)):
+        if value is not None and value <= 0:
+            raise PlanError(f"--{name} must be positive (got {value})")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise PlanError(f"--mfu is a fraction of peak, in (0, 1] (got {mfu}); e.g. --mfu 0.35")
+    if not 0 < usable_fraction <= 1:
+        raise PlanError(f"--memory-fraction must be in (0, 1] (got {usable_fraction})")
+    request = PlanRequest(
+        config=config, accelerator=accelerator, catalogue=catalogue, gpus=0, gpus_source="",
+        gpus_per_node=per_node,
+        price_per_gpu_hour=price_per_gpu_hour if price_per_gpu_hour is not None else cluster.price_per_gpu_hour,
+        mfu=mfu if mfu is not None else DEFAULT_MFU,
+        mfu_source="--mfu" if mfu is not None else "assumed; pass --mfu",
+        tokens=0.0, tokens_source="", days=days, usable_fraction=usable_fraction,
+        serve_accelerator=get_accelerator(serve_gpu, catalogue) if serve_gpu else accelerator,
+        serve_tp=serve_tp, serve_pp=serve_pp, context=context, seed_check=seed_check, options=dict(options or {}),
+    )
+    request.gpus, request.gpus_source = _resolve_gpus(request, gpus)
+    request.tokens, request.tokens_source = _resolve_tokens(request, tokens)
+    return request
+
+
+def _resolve_gpus(r: PlanRequest, gpus: Optional[int]) -> tuple[int, str]:
+    c = r.config
+    if gpus is not None:
+        return gpus, "--gpus"
+    if c.cluster.num_workers is not None:
+        return c.cluster.num_workers, "cluster.num_workers"
+    p = c.parallel
+    if p.dp is not None:
+        return p.tp * p.pp * p.dp, "parallel tp x pp x dp"
+    # Nothing pins the cluster: the smallest one on which the configured layout fits.
+    w, unit = r.workload(), p.tp * p.pp
+    dp = p.ep
+    while unit * dp <= MAX_DEFAULT_GPUS:
+        if structural_problem(w, p.tp, p.pp, p.ep, unit * dp) is None and best_variant(w, p.tp, p.pp, p.ep, dp)[0]:
+            return unit * dp, f"the fewest GPUs on which tp {p.tp} x pp {p.pp} x ep {p.ep} fits; pass --gpus"
+        dp = dp * 2 if dp >= 64 * p.ep else dp + p.ep
+    return unit * p.ep, "parallel tp x pp x ep: no cluster size fits it; pass --gpus"
+
+
+def _resolve_tokens(r: PlanRequest, tokens: Optional[float]) -> tuple[float, str]:
+    if tokens is not None:
+        return float(tokens), "--tokens"
+    from moray.platform.schedule import batch_sequences_at
+
+    t, p = r.config.train, r.config.parallel
+    dp = max(1, r.gpus // (p.tp * p.pp))
+    unit = dp * t.micro_batch_size * p.num_microbatches  # as the trainer rounds a step's sequences
+    seen, step = 0, 0
+    while step < t.max_steps and seen < t.batch_ramp_tokens:  # the ramp, step by step
+        seen += t.seq_len * batch_sequences_at(seen, seq_len=t.seq_len, unit=unit, batch_tokens=t.batch_tokens,
+                                               batch_tokens_start=t.batch_tokens_start,
+                                               batch_ramp_tokens=t.batch_ramp_tokens)
+        step += 1
+    full = t.seq_len * batch_sequences_at(seen, seq_len=t.seq_len, unit=unit, batch_tokens=t.batch_tokens,
+                                          batch_tokens_start=t.batch_tokens_start,
+                                          batch_ramp_tokens=t.batch_ramp_tokens)
+    seen += (t.max_steps - step) * full
+    return float(seen), f"train.max_steps {t.max_steps:,} x the configured batch; pass --tokens"

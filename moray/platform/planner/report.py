@@ -1,0 +1,190 @@
+"""The human report: one renderer per section, plain aligned text."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from typing import Dict, List, Sequence
+
+from moray.platform.planner.units import count, gib, money, num, pct, sci, si
+
+WIDTH = 100
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> List[str]:
+    """Columns right-aligned except the first."""
+    cells = [list(headers)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [line(cells[0]), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+
+
+def pairs(items: Sequence[tuple], indent: str = "  ") -> List[str]:
+    width = max(len(k) for k, _ in items)
+    return [f"{indent}{k.ljust(width)}  {v}" for k, v in items]
+
+
+def heading(text: str) -> List[str]:
+    return ["", text, "=" * len(text)]
+
+
+def render_model(m: dict) -> List[str]:
+    moe = f"top-{m['top_k']} of {m['n_experts']} experts" if m["n_experts"] > 1 else "dense"
+    return heading("Model") + pairs([
+        ("total parameters", f"{count(m['total_params'])}  (embedding {count(m['embedding_params'])}, attention "
+                             f"{count(m['attention_params'])}, experts {count(m['expert_params'])}, router "
+                             f"{count(m['router_params'])}, norms {count(m['norm_params'])})"),
+        ("active per token", f"{count(m['active_params'])}  ({pct(m['active_share'])} of total; {moe}; "
+                             f"{count(m['params_per_expert'])} per expert over {m['n_layers']} layers)"),
+        ("forward FLOPs per token", f"{si(m['forward_flops_per_token'], 'FLOP')} at {m['seq_len_tokens']:,} tokens "
+                                    f"= {si(m['forward_matmul_flops_per_token'], 'FLOP')} (2 x active) + "
+                                    f"{si(m['forward_attention_flops_per_token'], 'FLOP')} attention scores"),
+        ("  a dense model this size", si(m["dense_equivalent_forward_flops_per_token"], "FLOP")),
+        ("KV cache per token", f"{m['kv_cache_bytes_per_token']:,} bytes ({m['kv_cache_dtype_bytes']}-byte values)"),
+    ])
+
+
+def render_training(t: dict) -> List[str]:
+    lines = heading(f"Training: {count(t['tokens'])} tokens on {t['gpus']:,} x {t['accelerator']} at "
+                    f"{pct(t['mfu'])} MFU")
+    items = [
+        ("GPUs", f"{t['gpus']:,}  ({t['gpus_source']})"),
+        ("tokens", f"{count(t['tokens'])}  ({t['tokens_source']})"),
+        ("training FLOPs (6ND)", sci(t["training_flops"])),
+        ("  with attention scores", f"{sci(t['training_flops_with_attention'])}  "
+                                    f"(+{pct(t['attention_share'] / (1 - t['attention_share']))})"),
+        ("cluster peak", f"{si(t['cluster_peak_flops'], 'FLOP/s')} ({si(t['peak_flops_per_gpu'], 'FLOP/s')} per GPU)"),
+        ("MFU", f"{pct(t['mfu'])}  ({t['mfu_source']}; PaLM's definition: attention counted)"),
+        ("GPU-hours", f"{num(t['gpu_hours'])}  (6ND: {num(t['gpu_hours_6nd'])})"),
+        ("days", f"{num(t['days'])}  (6ND: {num(t['days_6nd'])})"),
+        ("cost", f"{money(t['cost_usd'])}  (6ND: {money(t['cost_usd_6nd'])}) at ${t['price_usd_per_gpu_hour']:g}"
+                 "/GPU-hour" if t["cost_usd"] is not None else "n/a: pass --price-per-gpu-hour"),
+    ]
+    if t.get("implied_mfu") is not None:
+        items.append((f"MFU implied by {t['given_days']:g} days",
+                      f"{pct(t['implied_mfu'])}  (6ND: {pct(t['implied_mfu_6nd'])})"))
+    if t.get("batch_tokens"):
+        per_expert = t.get("batch_tokens_per_expert")
+        items.append(("batch", f"{t['batch_tokens']:,} tokens = {t['batch_sequences']:,.0f} sequences"
+                               + (f"; {per_expert:,.0f} tokens per expert" if per_expert else "")))
+    return lines + pairs(items)
+
+
+def _variant(lay: dict) -> str:
+    extras = ["activation checkpointing"] * lay["activation_checkpointing"] \
+        + ["sequence parallelism"] * lay["sequence_parallel"]
+    return ", ".join([f"micro-batch {lay['micro_batch_size']}"] + extras)
+
+
+def render_memory(m: dict) -> List[str]:
+    lay, conf = m["layout"], m["configured"]
+    usable = f"{gib(m['usable_bytes_per_gpu']):.1f} GiB usable of a {gib(m['memory_bytes_per_gpu']):.0f} GiB card"
+    lines = heading(f"Memory per GPU: tp {lay['tp']} x pp {lay['pp']} x ep {lay['ep']} x dp {lay['dp']} "
+                    f"({lay['gpus']:,} GPUs), {m['dtype']}, {m['bytes_per_param']} bytes per parameter before "
+                    f"ZeRO-{lay['zero']}")
+    status = "fits" if conf["fits"] else "does NOT fit"
+    items = [("as configured", f"{_variant(conf)}: {gib(conf['bytes_per_gpu']):,.2f} GiB on stage {conf['stage']}, "
+                               f"{status} ({usable})")]
+    if not m["fits_as_configured"]:
+        items.append(("fits with", f"{_variant(lay)}: {gib(m['bytes_per_gpu']):.2f} GiB (shown below)"))
+    items.append(("pipeline bubble", f"{pct(m['pipeline_bubble'])} = (p-1)/(m+p-1), {lay['microbatches']} "
+                                     f"microbatches, {lay['schedule']}"))
+    lines += pairs(items)
+    rows = [[str(s["stage"]), str(s["layers"]), count(s["params"]), f"{gib(s['weights_bytes']):.2f}",
+             f"{gib(s['grads_bytes']):.2f}", f"{gib(s['optimizer_bytes']):.2f}", f"{gib(s['activations_bytes']):.2f}",
+             f"{gib(s['total_bytes']):.2f}"] for s in m["stages"]]
+    lines += [""] + table(["stage", "layers", "params", "weights", "grads", "optimizer", "activations",
+                           "total GiB"], rows)
+    rows = [[f"ZeRO-{v['zero']}", "on" if v["activation_checkpointing"] else "off", f"{gib(v['optimizer_bytes']):.2f}",
+             f"{gib(v['activations_bytes']):.2f}", f"{gib(v['bytes_per_gpu']):.2f}", "yes" if v["fits"] else "no"]
+            for v in m["zero_and_checkpointing"]]
+    return lines + [""] + table(["optimizer", "checkpointing", "optimizer GiB", "activations GiB", "total GiB",
+                                 "fits"], rows)
+
+
+def render_layouts(s: dict, top: int = 8) -> List[str]:
+    lines = heading(f"Layouts on {s['gpus']:,} GPUs: {s['feasible_count']} feasible, ranked by modelled "
+                    f"step time")
+    rows = []
+    for i, c in enumerate(s["feasible"][:top], 1):
+        st = c["step"]
+        extras = ("ckpt " if c["activation_checkpointing"] else "") + ("sp" if c["sequence_parallel"] else "")
+        rows.append([str(i), f"tp{c['tp']} pp{c['pp']} ep{c['ep']} dp{c['dp']}", str(c["micro_batch_size"]),
+                     extras.strip() or "-", f"{gib(c['bytes_per_gpu']):.1f}", f"{st['step_s']:.3g}",
+                     f"{st['tokens_per_s']:,.0f}", pct(st["bubble_s"] / st["step_s"]), pct(st["modeled_mfu"])])
+    if rows:
+        lines += table(["#", "layout", "mbs", "needs", "GiB/GPU", "step s", "tokens/s", "bubble", "model MFU"], rows)
+        lines.append("  needs: ckpt = activation checkpointing, sp = sequence parallelism; "
+                     "model MFU is an upper bound (no failures, no stragglers)")
+    kinds = ", ".join(f"{n} by {k}" for k, n in sorted(s["rejected_by_kind"].items()))
+    lines.append(f"  rejected: {s['rejected_count']}" + (f" ({kinds})" if kinds else ""))
+    near = sorted((x for x in s["rejected"] if x["kind"] == "memory"), key=lambda x: x["bytes_per_gpu"])[:3]
+    templates = {}
+    for rej in s["rejected"]:  # one example of each structural reason, numbers aside
+        if rej["kind"] == "structure":
+            templates.setdefault(re.sub(r"\d[\d,.]*", "#", rej["reason"]), rej)
+    if near:
+        lines.append("  closest misses on memory:")
+    for rej in near + list(templates.values())[:4]:
+        lines += textwrap.wrap(f"tp{rej['tp']} pp{rej['pp']} ep{rej['ep']} dp{rej['dp']}: {rej['reason']}",
+                               WIDTH, initial_indent="    - ", subsequent_indent="      ")
+    return lines
+
+
+def render_inference(s: dict) -> List[str]:
+    lines = heading(f"Inference: tp {s['tp']} x pp {s['pp']} = {s['gpus']} x {s['accelerator']}, "
+                    f"context {s['context_tokens']:,} tokens")
+    layers = sorted(set(s["layers_per_stage"]))
+    lines += pairs([
+        ("layout", s["layout_source"]),
+        ("per stage", f"{'/'.join(map(str, layers))} layers, {count(s['params_per_stage'])} parameters"),
+        ("weights per GPU", f"{count(s['params_per_gpu'])} parameters = {gib(s['weights_bytes_per_gpu']):.1f} GiB "
+                            f"of {gib(s['usable_bytes_per_gpu']):.1f} GiB usable"),
+        ("KV cache", f"{s['kv_cache_bytes_per_token']:,} bytes per token, {s['kv_cache_bytes_per_token_per_gpu']:,} "
+                     f"on each GPU; room for {s['kv_cache_capacity_tokens']:,} tokens"),
+        ("largest batch", f"{s['max_batch']:,} sequences at {s['context_tokens']:,} tokens"),
+        ("compute ceiling", f"{s['compute_bound_tokens_per_s']:,.0f} tokens/s at the matmul efficiency"),
+    ])
+    rows = [[f"{d['batch']:,}", f"{d['memory_bound_s'] * 1e3:,.1f}", f"{d['compute_bound_s'] * 1e3:,.1f}", d["bound"],
+             f"{d['experts_touched_per_layer']:.1f}", f"{d['tokens_per_s']:,.0f}",
+             "n/a" if d["cost_usd_per_1k_tokens"] is None else f"${d['cost_usd_per_1k_tokens']:.4f}"]
+            for d in s["decode"]]
+    return lines + [""] + table(["batch", "memory ms", "compute ms", "bound", "experts/layer", "tokens/s",
+                                 "per 1k tokens"], rows) + [
+        "  one decode round: every sequence gains a token; decode only (prefill not counted)"]
+
+
+def _value(v, unit: str) -> str:
+    if isinstance(v, str) or v is None:
+        return str(v)
+    if unit == "params" or unit == "tokens":
+        return count(v)
+    if unit == "FLOP":
+        return si(v, "FLOP") if v < 1e18 else sci(v)
+    if unit == "USD":
+        return f"${v:.4f}" if v < 1 else money(v)
+    return f"{v:,.0f} {unit}".strip()
+
+
+def render_seed_check(s: dict) -> List[str]:
+    lines = heading("The seed, checked: its GPT-4 claims beside ours")
+    for r in s["rows"]:
+        lines.append(f"  {r['claim']}")
+        lines.append(f"      seed {_value(r['seed'], r['unit'])}   ours {_value(r['ours'], r['unit'])}"
+                     + (f"   [{r['verdict']}]" if r["verdict"] else ""))
+        if r["note"]:
+            lines += textwrap.wrap(r["note"], WIDTH, initial_indent="      ", subsequent_indent="      ")
+    return lines
+
+
+def render_plan(plan: Dict[str, dict], title: str) -> str:
+    from moray.platform.planner.plan import sections
+
+    lines = [title]
+    for section in sections():
+        if section.name in plan:
+            lines += section.render(plan[section.name])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,332 @@
+"""The capacity planner (`moray plan`), checked against published figures from
+independent sources, against moray's own model and trainer, and for its errors.
+
+Sources of the published figures:
+- Mixtral-8x7B: 46.7B total, 12.9B active parameters (Mistral AI, "Mixtral of experts", 2023).
+- GPT-3 175B on 300B tokens: 3.14e23 training FLOPs (Brown et al. 2020, table D.1).
+- Llama-2-70B (80 layers, 8 KV heads of 128): KV cache 327,680 bytes per token in bf16;
+  68.98B parameters (Touvron et al. 2023; the Hugging Face checkpoint's 137,953,296,384 bf16 bytes).
+- PaLM 540B: 238.3k tokens/s on 6,144 TPU v4 (275 TFLOP/s) is 46.2% MFU (Chowdhery et al. 2022, table 3).
+- ZeRO: a 7.5B model on 64 GPUs needs 120 GB of model states per GPU unsharded, 31.4 GB with
+  optimizer-state partitioning (Rajbhandari et al. 2020, figure 1).
+- Megatron-LM: the attention-score term of training FLOPs is 72 B s l h^2 * s / (6 h) per
+  iteration (Narayanan et al. 2021, eq. 3, without recomputation).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moray.model.config import ModelConfig
+from moray.model.params import count_params
+from moray.parallel.config import ParallelConfig
+from moray.platform.cli import main as moray_main
+from moray.platform.config import load_config
+from moray.platform.planner import (PlanError, build_plan, estimate_memory, estimate_memory_per_stage,
+                                    flops_per_token, kv_cache_bytes_per_token, load_catalogue, mfu, peak_flops,
+                                    pipeline_bubble, resolve_request, stage_layer_counts, training_flops,
+                                    training_flops_with_attention)
+from moray.platform.planner.inference import ServePlan, ServeSetup, experts_touched
+from moray.platform.planner.catalogue import get_accelerator
+from moray.platform.planner.memory import PipelineRank, rank_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+GPT3 = ModelConfig(vocab_size=50257, d_model=12288, n_layers=96, n_heads=96, n_kv_heads=96, ffn_hidden=49152,
+                   mlp="gelu", n_experts=1, tie_embeddings=True, max_seq_len=2048)
+LLAMA2_70B = ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672,
+                         mlp="swiglu", n_experts=1, max_seq_len=4096)
+PALM_540B = ModelConfig(vocab_size=256000, d_model=18432, n_layers=118, n_heads=48, n_kv_heads=1, head_dim=256,
+                        ffn_hidden=73728, mlp="swiglu", n_experts=1, tie_embeddings=True, max_seq_len=2048)
+
+
+def close(ours: float, published: float, rel: float = 0.01) -> bool:
+    return abs(ours / published - 1) <= rel
+
+
+# ---------------------------------------------------------------- published figures
+
+
+def test_mixtral_parameters_match_mistral():
+    cfg = load_config(CONFIGS / "mixtral-8x7b.yaml")
+    r = resolve_request(cfg, gpus=64, tokens=1e12, seed_check=False)
+    model = build_plan(r)["model"]
+    assert close(model["total_params"], 46.7e9) and close(model["active_params"], 12.9e9)
+
+
+def test_gpt3_training_flops_match_the_paper():
+    assert close(training_flops(GPT3, 300e9), 3.14e23)
+    # With attention scores the count grows by PaLM's 12 L H Q T per token.
+    extra = training_flops_with_attention(GPT3, 300e9, 2048) - training_flops(GPT3, 300e9)
+    assert close(extra, 12 * 96 * 12288 * 2048 * 300e9)
+
+
+def test_attention_term_matches_megatron_formula():
+    l, h, s = GPT3.n_layers, GPT3.d_model, 2048
+    megatron_per_token = 72 * l * h**2 * (s / (6 * h))  # eq. 3's attention-score part, per token
+    assert close(3 * (flops_per_token(GPT3, s) - flops_per_token(GPT3, 0)), megatron_per_token, 1e-9)
+
+
+def test_llama2_70b_kv_cache_and_parameters():
+    assert kv_cache_bytes_per_token(LLAMA2_70B, 2) == 327_680
+    assert close(count_params(LLAMA2_70B).total, 137_953_296_384 / 2)
+
+
+def test_palm_540b_mfu_matches_the_paper():
+    assert close(count_params(PALM_540B).total, 540e9)
+    assert close(mfu(238.3e3, PALM_540B, 2048, 6144, 275e12), 0.462)
+
+
+def test_zero_paper_model_state_bytes():
+    cfg = ModelConfig(vocab_size=32000, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=32, ffn_hidden=16384,
+                      mlp="gelu", n_experts=1, max_seq_len=2048)
+    par = ParallelConfig(tp=1, pp=1, dp=64)
+    states = []
+    for zero in (0, 1):
+        m = estimate_memory(cfg, par, 1, 2048, "bfloat16", zero=zero)
+        states.append((m.weights_bytes + m.grads_bytes + m.optimizer_bytes) / m.params)
+    assert close(states[0], 120e9 / 7.5e9) and close(states[1], 31.4e9 / 7.5e9)
+
+
+def test_datasheet_peaks_and_override():
+    assert peak_flops("a100-40gb") == 312e12 and peak_flops("h100-80gb") == 989e12
+    assert peak_flops("cpu", override=5e10) == 5e10
+    with pytest.raises(PlanError, match="did you mean h100-80gb"):
+        peak_flops("h100-80")
+
+
+# ---------------------------------------------------------------- agreement with the model and trainer
+
+
+def test_rank_parameters_add_up_to_the_model():
+    cfg = load_config(CONFIGS / "gpt4.yaml").model
+    pc = count_params(cfg)
+    tp, ep, pp = 8, 16, 15
+    counts = stage_layer_counts(cfg, pp, 8192)
+    ranks = [PipelineRank(n, s == 0, s == pp - 1) for s, n in enumerate(counts)]
+    assert sum(rank_params(cfg, tp, ep, r, pp).expert for r in ranks) * tp * ep == pc.experts
+    assert sum(rank_params(cfg, 1, 1, r, pp).total for r in ranks) == pc.total
+
+
+def test_stage_split_is_the_trainers():
+    from moray.parallel.pipeline import partition_layers
+
+    for name in ("tiny", "gpt4", "mixtral-8x7b"):
+        cfg = load_config(CONFIGS / f"{name}.yaml").model
+        for pp in sorted({p for p in (1, 2, 3, 5, 15) if p <= cfg.n_layers}):
+            assert stage_layer_counts(cfg, pp, 2048) == [len(r) for r in partition_layers(cfg, pp, 2048)]
+
+
+def test_pipeline_bubble():
+    assert pipeline_bubble(4, 12) == pytest.approx(3 / 15)
+    assert pipeline_bubble(1, 8) == 0
+    assert pipeline_bubble(4, 12, virtual_stages=2) == pytest.approx(3 / 27)
+
+
+def test_activation_estimate_equals_saved_tensors_of_the_model():
+    torch = pytest.importorskip("torch")
+    from moray.model import build_model
+
+    cfg = load_config(CONFIGS / "tiny.yaml").model
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 64))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+    est = estimate_memory(cfg, ParallelConfig(), micro_batch_size=2, seq_len=64, dtype="float32", zero=0)
+    assert est.activations_bytes == pytest.approx(sum(saved.values()), rel=0.01)
+
+
+def test_memory_follows_the_layout():
+    cfg = load_config(CONFIGS / "tiny.yaml").model
+    kw = dict(micro_batch_size=4, seq_len=128, dtype="float32")
+    one = estimate_memory(cfg, ParallelConfig(dp=1, zero=1), **kw)
+    two = estimate_memory(cfg, ParallelConfig(dp=2, zero=1), **kw)
+    assert two.optimizer_bytes == pytest.approx(one.optimizer_bytes / 2)
+    assert two.weights_bytes == one.weights_bytes == 4 * one.params  # float32: 4 bytes, Adam 8, no master
+    assert one.optimizer_bytes == 8 * one.params
+    ep = estimate_memory(cfg, ParallelConfig(pp=2, ep=2, dp=2, microbatches=4), **kw)
+    assert ep.params < one.params / 2
+    stages = estimate_memory_per_stage(cfg, ParallelConfig(pp=2, dp=1, microbatches=4), **kw)
+    assert [s.microbatches_in_flight for s in stages] == [2, 1]  # 1F1B: min(pp - stage, m)
+    gpipe = estimate_memory(cfg, ParallelConfig(pp=2, dp=1, microbatches=4, schedule="gpipe"), **kw)
+    assert gpipe.microbatches_in_flight == 4
+    ckpt = estimate_memory(cfg, ParallelConfig(dp=1), activation_checkpointing=True, **kw)
+    assert ckpt.activations_bytes < one.activations_bytes and ckpt.recompute_bytes > 0
+    tp = estimate_memory(cfg, ParallelConfig(tp=2, dp=1), **kw)
+    assert tp.activations_bytes < one.activations_bytes and tp.params < one.params
+    with pytest.raises(PlanError, match="dp"):
+        estimate_memory(cfg, ParallelConfig(zero=1), **kw)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@pytest.fixture(scope="module")
+def gpt4_plan():
+    cfg = load_config(CONFIGS / "gpt4.yaml")
+    return build_plan(resolve_request(cfg, gpus=24_960, tokens=13e12, price_per_gpu_hour=1.0, days=95))
+
+
+def test_json_sections_and_keys(gpt4_plan):
+    assert {"model", "training", "memory", "layouts", "inference", "seed_check"} <= set(gpt4_plan)
+    for section, key in [("model", "total_params"), ("model", "active_params"), ("model", "forward_flops_per_token"),
+                         ("model", "kv_cache_bytes_per_token"), ("training", "training_flops"),
+                         ("training", "training_flops_with_attention"), ("training", "gpu_hours"),
+                         ("training", "days"), ("training", "cost_usd"), ("memory", "bytes_per_gpu"),
+                         ("inference", "cost_usd_per_1k_tokens")]:
+        assert isinstance(gpt4_plan[section][key], (int, float)), (section, key)
+    keys = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            keys.update(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(gpt4_plan)
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in keys), sorted(k for k in keys if not k.islower())
+    json.dumps(gpt4_plan)
+
+
+def test_days_and_implied_mfu_agree(gpt4_plan):
+    t = gpt4_plan["training"]
+    assert t["days"] == pytest.approx(t["training_flops_with_attention"] / (24_960 * 312e12 * 0.40) / 86400)
+    assert t["cost_usd"] == pytest.approx(t["gpu_hours"] * 1.0)
+    assert t["implied_mfu"] == pytest.approx(0.40 * t["days"] / 95)
+
+
+def test_layouts_fit_and_are_ranked(gpt4_plan):
+    lay = gpt4_plan["layouts"]
+    usable = gpt4_plan["memory"]["usable_bytes_per_gpu"]
+    assert lay["feasible"] and all(c["bytes_per_gpu"] <= usable for c in lay["feasible"])
+    mfus = [c["step"]["modeled_mfu"] for c in lay["feasible"]]
+    assert mfus == sorted(mfus, reverse=True)
+    assert all(c["tp"] <= 8 and c["tp"] * c["pp"] * c["dp"] == 24_960 for c in lay["feasible"])
+    assert all(r["reason"] for r in lay["rejected"])
+
+
+def test_seed_check_says_gflop_and_matches_the_seed(gpt4_plan):
+    rows = {r["claim"]: r for r in gpt4_plan["seed_check"]["rows"]}
+    fwd = rows["forward FLOPs per token"]
+    assert "GFLOP" in fwd["note"] and fwd["verdict"].startswith("unit slip")
+    assert 550e9 < fwd["ours"] < 600e9
+    for claim in ("total parameters", "active parameters per token", "training FLOPs on 13T tokens (6ND)",
+                  "days on 25,000 A100 at 32-36% MFU", "MFU that 90-100 days implies",
+                  "parameters per 8-GPU node (TP 8 x PP 16)"):
+        assert rows[claim]["verdict"] == "agrees", rows[claim]
+    assert "24,960" in rows["TP 8 x PP 15, ZeRO-1, on 40 GB A100s"]["note"]
+
+
+def test_inference_bounds(gpt4_plan):
+    inf = gpt4_plan["inference"]
+    assert (inf["tp"], inf["pp"]) == (8, 16)  # the fewest GPUs with KV room: the seed's 128
+    assert inf["kv_cache_bytes_per_token"] == 2 * 120 * 1 * 128 * 2
+    rows = inf["decode"]
+    assert rows[0]["bound"] == "memory"
+    assert [r["tokens_per_s"] for r in rows] == sorted(r["tokens_per_s"] for r in rows)
+    cfg = load_config(CONFIGS / "gpt4.yaml").model
+    assert experts_touched(cfg, 1) == pytest.approx(2) and experts_touched(cfg, 10_000) == pytest.approx(16)
+
+
+def test_dense_decode_turns_compute_bound_at_large_batch():
+    plan = ServePlan(ServeSetup(LLAMA2_70B, get_accelerator("h100-80gb"), 8, 1, 512, 2.0))
+    small, large = plan.decode(1), plan.decode(plan.max_batch())
+    assert small.bound == "memory" and large.bound == "compute"
+    assert large.cost_usd_per_1k_tokens < small.cost_usd_per_1k_tokens
+
+
+# ---------------------------------------------------------------- errors that say why and what would fit
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    code = moray_main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_gpus_not_divisible_by_the_layout(capsys):
+    code, _, err = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "25000", capsys=capsys)
+    assert code == 2
+    assert "not divisible by tp x pp = 120" in err and "24,960 or 25,080 GPUs" in err
+
+
+def test_tp_larger_than_a_node(capsys):
+    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--set", "parallel.tp=4",
+                           "--gpus-per-node", "2", "--gpus", "8", capsys=capsys)
+    assert code == 2 and "spans nodes" in err and "tp <= 2" in err and "what would fit" in err
+
+
+def test_model_that_cannot_fit(capsys):
+    code, _, err = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--set", "parallel.ep=1",
+                           "--gpus", "24960", capsys=capsys)
+    assert code == 2 and "GiB usable" in err
+    assert "ep 4 (--set parallel.ep=4)" in err  # the same layout with expert parallelism fits
+
+
+def test_unknown_accelerator_and_bad_flags(capsys):
+    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--gpu", "a100", capsys=capsys)
+    assert code == 2 and "a100-40gb" in err
+    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--mfu", "35", capsys=capsys)
+    assert code == 2 and "(0, 1]" in err
+
+
+# ---------------------------------------------------------------- CLI, catalogue, plot
+
+
+def test_cli_json_and_human_output(capsys):
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--json", "--tokens", "1.5M",
+                           capsys=capsys)
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["training"]["tokens"] == 1.5e6 and plan["inputs"]["gpus"] == 4
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--no-seed-check", capsys=capsys)
+    assert code == 0 and "Memory per GPU" in out and "The seed, checked" not in out
+
+
+def test_catalogue_extends_from_yaml(tmp_path):
+    f = tmp_path / "acc.yaml"
+    f.write_text("accelerators:\n  h100-nvl:\n    base: h100-80gb\n    memory_gib: 94\n"
+                 "  tpu-x:\n    peak_tflops: 100\n    memory_gib: 32\n    memory_bandwidth_gb_per_s: 800\n"
+                 "    intra_node_gb_per_s: 100\n    inter_node_gb_per_s: 25\n    source: test\n")
+    cat = load_catalogue(f)
+    assert cat["h100-nvl"].peak_flops == 989e12 and cat["h100-nvl"].memory_gib == 94
+    assert cat["tpu-x"].peak_flops == 100e12
+    f.write_text("accelerators:\n  x:\n    peak_tflop: 1\n")
+    with pytest.raises(PlanError, match="unknown keys"):
+        load_catalogue(f)
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--plot", str(png),
+                           "--price-per-gpu-hour", "0.1", capsys=capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_plan_imports_neither_torch_nor_ray():
+    code = ("import sys, moray.platform.cli_plan, moray.platform.planner; "
+            "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    hint = " (a package __init__ on the way, e.g. moray/model/__init__.py, imports torch eagerly: make it lazy)"
+    assert done.returncode == 0, done.stderr + hint
