@@ -9,7 +9,7 @@ here imports pydantic (the GPU machine has none).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 
 @dataclass
@@ -52,7 +52,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            self.rope_scaling = _typed(RopeScaling, self.rope_scaling, "model.rope_scaling")
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "n_experts",
+                    "top_k", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be at least 1 (got {getattr(self, key)})")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
@@ -60,6 +64,8 @@ class ModelConfig:
                     f"({self.n_heads}); set model.head_dim explicitly or change n_heads"
                 )
             self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even and positive: rotary pairs up dimensions (got {self.head_dim})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
@@ -69,6 +75,12 @@ class ModelConfig:
             raise ValueError(
                 f"model.top_k ({self.top_k}) must be between 1 and model.n_experts ({self.n_experts})"
             )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"model.capacity_factor must be positive, or null for dropless (got {self.capacity_factor})")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("model.norm_eps and model.rope_theta must be positive")
+        if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
+            raise ValueError(f"model.rope_scaling.factor must be positive (got {self.rope_scaling.factor})")
 
     @property
     def is_moe(self) -> bool:
@@ -83,9 +95,38 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Plain construction for callers without pydantic (GPU benchmarks)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model keys {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        """Checked construction for callers without pydantic (GPU benchmarks, checkpoint dirs).
+
+        Same contract as the pydantic path: errors name the key, unknown keys list the allowed ones.
+        """
+        return _typed(cls, d, "model")
+
+
+def _typed(cls, d: dict, path: str):
+    """Build dataclass `cls` from `d`, checking keys and plain types (int, float, bool, str, Literal)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping, got {d!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(cls.__dataclass_fields__))}")
+    values = {}
+    for key, value in d.items():
+        tp, optional = hints[key], False
+        if get_origin(tp) is Union:
+            args = [a for a in get_args(tp) if a is not type(None)]
+            tp, optional = args[0], True
+        where = f"{path}.{key}"
+        if value is None and optional:
+            pass
+        elif tp is RopeScaling:
+            value = value if isinstance(value, RopeScaling) else _typed(RopeScaling, value, where)
+        elif get_origin(tp) is Literal:
+            if value not in get_args(tp):
+                raise ValueError(f"{where}: must be one of {', '.join(map(repr, get_args(tp)))} (got {value!r})")
+        elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: expected {tp.__name__}{' or null' if optional else ''}, got {value!r}")
+        values[key] = value
+    return cls(**values)

@@ -57,17 +57,20 @@ def _yarn_inv_freq(head_dim: int, theta: float, s: RopeScaling, max_seq_len: int
     return inv_freq, attention_scale
 
 
-def rope_tables(cfg: ModelConfig, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (max_seq_len, head_dim), in float32."""
-    hd = cfg.head_dim
-    scale = 1.0
-    s = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig) -> Tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) in float64 and the cos/sin scale (YaRN's attention factor)."""
+    hd, s = cfg.head_dim, cfg.rope_scaling
     if s is not None and s.type == "yarn":
-        inv_freq, scale = _yarn_inv_freq(hd, cfg.rope_theta, s, cfg.max_seq_len)
-    else:
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        if s is not None and s.type == "linear":
-            inv_freq = inv_freq / s.factor  # positions / factor
+        return _yarn_inv_freq(hd, cfg.rope_theta, s, cfg.max_seq_len)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if s is not None and s.type == "linear":
+        inv_freq = inv_freq / s.factor  # positions / factor
+    return inv_freq, 1.0
+
+
+def rope_tables(cfg: ModelConfig, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, head_dim), in float32 (computed in float64)."""
+    inv_freq, scale = rope_inv_freq(cfg)
     pos = torch.arange(cfg.max_seq_len, dtype=torch.float64)
     freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), rotate-half layout

@@ -46,26 +46,37 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+_TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
+
+
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
     if x.is_cuda:
-        # The CUDA kernel is bf16 on Hopper and newer.
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    # CPU: every row stride must be a multiple of 16 bytes.
+        # The CUDA kernel is bf16 only: sm90 since torch 2.8, sm80 too since 2.9. BF16 token
+        # groups need no padding to a multiple of 8/16 (torchtitan dropped it, pytorch/torchtitan#2620);
+        # bench/gpu_checks.py verifies ragged and empty groups on the device.
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (
+            (8, 0) if _TORCH_VERSION >= (2, 9) else (9, 0))
+    # CPU: every row stride and base pointer must be a multiple of 16 bytes.
     size = x.element_size()
     return x.dtype in (torch.float32, torch.bfloat16) and all(
         (d * size) % 16 == 0 for d in (w.shape[1], w.shape[2])
-    )
+    ) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (A, K) sorted by group, w (G, K, N), counts (G,) rows per group -> (A, N)."""
-    if _grouped_mm_ok(x, w):
-        offs = counts.cumsum(0).to(torch.int32)
-        if x.is_cuda:
-            return torch._grouped_mm(x, w, offs)
-        return _GroupedMM.apply(x, w, offs)
+    if x.is_cuda and _grouped_mm_ok(x, w):
+        # No host sync, static shapes: this path compiles into one graph (torch.compile).
+        return torch._grouped_mm(x, w, counts.cumsum(0).to(torch.int32))
+    return _grouped_mm_eager(x, w, counts)
+
+
+@torch.compiler.disable  # the CPU kernel has no float32 fake impl and the loop reads counts on the host
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda and _grouped_mm_ok(x, w):
+        return _GroupedMM.apply(x, w, counts.cumsum(0).to(torch.int32))
     # Fallback: one product per expert (never per token).
     chunks = torch.split(x, counts.tolist())
     return torch.cat([c @ w[g] for g, c in enumerate(chunks)]) if len(chunks) else x.new_zeros(0, w.shape[-1])
@@ -138,13 +149,19 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
 
 
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert. Unlike bincount, no device-to-host sync on CUDA."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch Transformer's loss, E * sum_i f_i * P_i; exactly 1 for uniform routing.
 
     f_i: share of the N*k assignments that go to expert i; P_i: mean router
     probability of expert i over the N tokens.
     """
-    f = torch.bincount(expert_ids.flatten(), minlength=n_experts).float() / expert_ids.numel()
+    f = count_per_expert(expert_ids, n_experts).float() / expert_ids.numel()
     return n_experts * (f * probs.mean(0)).sum()
 
 
@@ -189,20 +206,25 @@ class MoE(nn.Module):
 
         balance = load_balancing_loss(probs, expert_ids, self.n_experts)
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)
+        tokens_per_expert = count_per_expert(expert_ids, self.n_experts)
 
-        token_ids = torch.arange(N, device=x.device).repeat_interleave(self.top_k)  # (N*k,)
-        flat_experts, flat_weights = expert_ids.reshape(-1), weights.reshape(-1)
+        # Assignment slots: slot s = token s // k, its (s % k)-th choice.
+        flat_experts = expert_ids.reshape(-1)  # (N*k,)
+        slots = torch.arange(N * self.top_k, device=x.device)
         cap = self.capacity(N)
         if cap is not None:
             keep = capacity_keep_mask(expert_ids, self.n_experts, cap).reshape(-1)
-            token_ids, flat_experts, flat_weights = token_ids[keep], flat_experts[keep], flat_weights[keep]
+            slots, flat_experts = slots[keep], flat_experts[keep]
 
-        order = torch.argsort(flat_experts, stable=True)  # (A,) sorted by expert
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        routed = self.experts(xf[token_ids[order]], counts)  # (A, D)
-        routed = routed * flat_weights[order, None].to(routed.dtype)
-        out = torch.zeros_like(xf).index_add_(0, token_ids[order], routed.to(xf.dtype))
+        order = torch.argsort(flat_experts, stable=True)  # (A,) sorted by expert, token order within
+        sorted_slots = slots[order]
+        counts = count_per_expert(flat_experts, self.n_experts)
+        routed = self.experts(xf[sorted_slots // self.top_k], counts)  # (A, D)
+        # Back to slot order, (N, k, D), zeros for dropped slots: a copy to unique rows (its backward
+        # a gather), not an atomic scatter-add, so the combine is deterministic on CUDA.
+        base = routed.new_zeros if cap is not None else routed.new_empty
+        by_slot = base(N * self.top_k, routed.shape[-1]).index_copy(0, sorted_slots, routed)
+        out = (by_slot.view(N, self.top_k, -1) * weights.unsqueeze(-1).to(routed.dtype)).sum(1).to(xf.dtype)
 
         if torch.is_grad_enabled() and logits.requires_grad:
             aux = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
@@ -211,6 +233,7 @@ class MoE(nn.Module):
             "load_balancing_loss": balance.detach(),
             "z_loss": z_loss.detach(),
             "tokens_per_expert": tokens_per_expert.detach(),
+            # A host number: N*k without capacity; with it, the boolean indexing above already synced.
             "dropped": torch.tensor(N * self.top_k - flat_experts.numel()),
         }
         return out.view(shape)

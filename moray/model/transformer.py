@@ -54,11 +54,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection (tie_embeddings). `to_empty()` from the
+        meta device materialises each parameter separately, which unties them: call again after."""
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     # ------------------------------------------------------------ forward
 
@@ -123,8 +128,12 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         std = self.cfg.init_std
+        seen = set()  # a tied weight is initialised once, under its first name
         for mod_name, module in self.named_modules():
             for p_name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
                 if isinstance(module, RMSNorm):
                     p.fill_(1.0)
@@ -146,5 +155,6 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: Union[str, torch.device
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     model.init_weights(seed)
     return model.to(dtype)
