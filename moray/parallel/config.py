@@ -14,12 +14,12 @@ from typing import Literal, Optional
 class ParallelConfig:
     tp: int = 1  # tensor parallel: shards attention heads and expert FFN columns; keep within a node
     pp: int = 1  # pipeline stages; layers are split into pp balanced ranges
-    ep: int = 1  # expert parallel: each rank holds n_experts / ep experts; carved out of dp
+    ep: int = 1  # expert parallel: each rank holds n_experts / ep experts; carved out of dp (ep divides dp)
     dp: Optional[int] = None  # data parallel; None = world_size / (tp * pp)
     microbatches: Optional[int] = None  # per step and dp rank; None = max(1, 2 * pp)
     schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     virtual_stages: int = 2  # stages per rank, only for interleaved_1f1b
-    zero: Literal[0, 1] = 1  # 1 = shard optimizer state over the dp group (ZeRO-1)
+    zero: Literal[0, 1] = 1  # 1 = ZeRO-1: AdamW state sharded over dp (experts: over the dp / ep copies)
     activation_checkpointing: bool = False  # recompute each block in backward
 
     __pydantic_config__ = {"extra": "forbid"}

@@ -1,0 +1,351 @@
+"""TrainEngine: one rank's part of the model, its optimizer, and the training step.
+
+    engine = TrainEngine(model_cfg, parallel_cfg, dims, rank, device, seed, lr, ...)
+    out = engine.step(tokens)          # (local_batch, seq_len + 1) for this rank's dp index
+    sd = engine.state_dict()           # DCP: dcp.load(sd, ...) fills the engine in place
+
+Building (torchtitan's order, each step an apply_* from outside the model):
+the whole Transformer on the meta device -> cut to this rank's pipeline
+stage(s) -> keep this rank's experts (EP) -> materialise and init_weights (keyed
+by name and global expert id, so every part gets the whole model's values) ->
+split heads and FFN columns (TP) -> activation checkpointing -> optimizer
+(data parallel, ZeRO-1).
+
+A step: the local batch is split into `microbatches` equal contiguous chunks;
+each chunk's loss is its mean next-token cross-entropy divided by the number of
+microbatches, and the router losses take the same scale (set_aux_grad_scale).
+The load-balancing loss is therefore computed per microbatch per dp rank, over
+that chunk's tokens: a single-process run matches only when it routes the same
+chunks (tests/dist_utils.reference_run). Then gradients are averaged over
+data-parallel copies, clipped by the global norm, and the optimizer steps,
+unless the loss or the norm is not finite and skip_nonfinite is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moray.model.config import ModelConfig
+from moray.model.moe import MoE, set_aux_grad_scale
+from moray.model.transformer import Transformer
+from moray.parallel.config import ParallelConfig
+from moray.parallel.dims import LayoutError, ParallelDims
+from moray.parallel.expert_parallel import apply_ep
+from moray.parallel.memory import SavedTensorMeter, apply_activation_checkpointing, tensor_bytes
+from moray.parallel.pipeline import (PipelineRunner, bubble_fraction, keep_stage, partition_layers, stage_ids,
+                                     virtual_stages_of)
+from moray.parallel.sharding import full_tensor, local_view, param_specs, to_dtensor
+from moray.parallel.tensor_parallel import apply_tp
+from moray.parallel.zero import DataParallelOptimizer
+
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def check_schedule(parallel_cfg: ParallelConfig, dims: ParallelDims) -> None:
+    p, m = parallel_cfg, parallel_cfg.num_microbatches
+    if p.schedule not in ("1f1b", "gpipe", "interleaved_1f1b"):
+        raise LayoutError(f"parallel.schedule {p.schedule!r}: use 1f1b, gpipe or interleaved_1f1b")
+    if dims.pp > 1 and p.schedule == "1f1b" and m < dims.pp:
+        raise LayoutError(f"1F1B needs at least pp = {dims.pp} microbatches (got {m}); set parallel.microbatches "
+                          f">= {dims.pp}")
+    if dims.pp > 1 and p.schedule == "interleaved_1f1b" and (p.virtual_stages < 1 or m % dims.pp):
+        raise LayoutError(f"interleaved 1F1B needs virtual_stages >= 1 and microbatches a multiple of pp = "
+                          f"{dims.pp} (got {p.virtual_stages}, {m})")
+
+
+def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, rank: int,
+                      meshes, device: torch.device, seed: int) -> List[Transformer]:
+    """This rank's stage(s), materialised: only its layers, experts and tensor shards."""
+    c = dims.coords(rank)
+    virtual = virtual_stages_of(parallel_cfg) if dims.pp > 1 else 1
+    n_stages = dims.pp * virtual
+    ranges = partition_layers(model_cfg, n_stages)
+    parts = []
+    for sid in stage_ids(c.pp, dims.pp, virtual):
+        with torch.device("meta"):
+            part = Transformer(model_cfg)
+        keep_stage(part, ranges[sid], first=sid == 0, last=sid == n_stages - 1)
+        apply_ep(part, meshes.group("ep"), c.ep, dims.ep)
+        part.to_empty(device=device)
+        if hasattr(part, "tie_weights"):
+            part.tie_weights()
+        part.init_weights(seed)
+        apply_tp(part, meshes.group("tp"), c.tp, dims.tp)
+        if parallel_cfg.activation_checkpointing:
+            apply_activation_checkpointing(part)
+        part.stage_index = sid
+        parts.append(part)
+    return parts
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class _RouterStats:
+    """Sums each MoE forward's router statistics over a step (forward hooks, from outside).
+    A block recomputed by activation checkpointing runs inside backward: not counted twice."""
+
+    def __init__(self, parts: Sequence[nn.Module], n_experts: int, device: torch.device):
+        self.n_experts, self.device = n_experts, device
+        for part in parts:
+            for m in part.modules():
+                if isinstance(m, MoE):
+                    m.register_forward_hook(self._collect)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(3 + self.n_experts, dtype=torch.float64, device=self.device)
+
+    def _collect(self, moe, args, out) -> None:
+        if _in_backward():  # a recomputation by activation checkpointing
+            return
+        s = moe.last_stats
+        self.sums[0] += s["load_balancing_loss"].double()
+        self.sums[1] += s["z_loss"].double()
+        self.sums[2] += 1
+        self.sums[3:] += s["tokens_per_expert"].double()
+
+
+class TrainEngine:
+    """One rank of a training job (the process group is already initialised; Ray Train does it).
+
+    Attributes callers use: model_parts (this rank's Transformer stage(s), parameter names the
+    whole model's), dims, coords (this rank's pp/dp/tp/ep/edp position), meshes,
+    num_microbatches, bubble_fraction ((p - 1) / (v m + p - 1)) and measured_bubble_fraction
+    (1 - busy / step time, mean over stages, last step; None until a pipelined step ran).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, rank: int,
+                 device, seed: int = 0, lr: float = 3e-4, betas: Sequence[float] = (0.9, 0.95),
+                 weight_decay: float = 0.1, grad_clip: Optional[float] = 1.0, dtype: str = "float32",
+                 eps: float = 1e-8):
+        if not dist.is_initialized():
+            raise RuntimeError("TrainEngine needs torch.distributed initialised (Ray Train does it; alone: "
+                               "dist.init_process_group('gloo' or 'nccl', rank=..., world_size=...))")
+        if dist.get_world_size() != dims.world_size or dist.get_rank() != rank:
+            raise LayoutError(f"process group has world size {dist.get_world_size()} and rank {dist.get_rank()}, "
+                              f"but the engine was given world size {dims.world_size} and rank {rank}")
+        p = parallel_cfg
+        if (p.tp, p.pp, p.ep) != (dims.tp, dims.pp, dims.ep) or (p.dp is not None and p.dp != dims.dp):
+            raise LayoutError(f"parallel config (tp {p.tp}, pp {p.pp}, ep {p.ep}, dp {p.dp}) disagrees with dims "
+                              f"{dims.describe()}; build dims with ParallelDims.from_config(parallel_cfg, world_size)")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {dtype!r}: use float32 or bfloat16")
+        virtual = virtual_stages_of(p) if dims.pp > 1 else 1
+        dims.validate(model_cfg, virtual_stages=virtual)
+        check_schedule(p, dims)
+
+        self.model_cfg, self.parallel_cfg, self.dims, self.rank = model_cfg, p, dims, rank
+        self.device = torch.device(device)
+        self.coords = dims.coords(rank)
+        self.grad_clip = grad_clip
+        self.dtype = dtype
+        self.num_microbatches = p.num_microbatches
+        self.meshes = dims.build_mesh(self.device.type)
+        self.model_parts = build_model_parts(model_cfg, p, dims, rank, self.meshes, self.device, seed)
+        for part in self.model_parts:
+            set_aux_grad_scale(part, 1.0 / self.num_microbatches)
+        self._params = param_specs(self.model_parts, dims)
+        self.optimizer = DataParallelOptimizer(self._params, dims, self.meshes, self.coords, lr=lr, betas=betas,
+                                               eps=eps, weight_decay=weight_decay, zero=p.zero)
+        self._stats = _RouterStats(self.model_parts, model_cfg.n_experts, self.device)
+        self.bubble_fraction = bubble_fraction(dims.pp, self.num_microbatches, virtual)
+        self.measured_bubble_fraction: Optional[float] = None
+        self._pipeline = None
+        if dims.pp > 1:
+            self._pipeline = PipelineRunner(self.model_parts, model_cfg, p, dims.pp, self.meshes.group("pp"),
+                                            self.device, torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                                            self._loss_fn)
+        self._grad_bytes = self._activation_peak = 0
+        self._bubble_local = 0.0
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One microbatch's mean next-token cross-entropy, scaled by 1 / microbatches."""
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return loss / self.num_microbatches
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
+        if self._pipeline is not None:
+            losses, self._bubble_local = self._pipeline.run(inputs, targets)
+            return losses
+        m = self.num_microbatches
+        losses = []
+        model = self.model_parts[0]
+        for x, y in zip(inputs.tensor_split(m), targets.tensor_split(m)):
+            loss = self._loss_fn(model(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+        return losses
+
+    # ------------------------------------------------------------ the step
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_lr(lr)
+
+    def step(self, tokens: torch.Tensor, skip_nonfinite: bool = True) -> Dict:
+        """One optimizer step on `tokens` (local_batch, seq_len + 1), this rank's dp share. Collective.
+
+        Returns the same dict on every rank: loss (mean cross-entropy over the global batch),
+        aux_loss and z_loss (router losses, means over MoE layers, microbatches and dp ranks),
+        grad_norm (before clipping), skipped, tokens_per_expert (global experts, summed over
+        layers and the global batch), num_tokens (global targets), bubble_measured (pp > 1).
+        """
+        m = self.num_microbatches
+        if tokens.dim() != 2 or tokens.shape[0] % m:
+            raise ValueError(f"tokens {tuple(tokens.shape)}: need (local_batch, seq_len + 1) with local_batch a "
+                             f"multiple of parallel.microbatches = {m}")
+        tokens = tokens.to(self.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        self.optimizer.zero_grad()
+        self._stats.reset()
+        meter = None
+        if self.device.type == "cpu":
+            meter = SavedTensorMeter(p for p, _ in self._params.values())
+        elif self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        with meter or contextlib.nullcontext(), autocast:
+            losses = self._forward_backward(inputs, targets)
+        if meter is not None:
+            self._activation_peak = meter.peak
+
+        self.optimizer.reduce_gradients()
+        out = self._reduce_metrics(losses, num_tokens=targets.numel() * self.dims.dp)
+        finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+        out["skipped"] = bool(skip_nonfinite and not finite)
+        self._grad_bytes = tensor_bytes(p.grad for p, _ in self._params.values() if p.grad is not None)
+        if out["skipped"]:
+            self.optimizer.zero_grad()
+            return out
+        if self.grad_clip and finite:
+            coef = self.grad_clip / (out["grad_norm"] + 1e-6)
+            if coef < 1.0:
+                self.optimizer.scale_gradients(coef)
+        self.optimizer.step()
+        return out
+
+    def _reduce_metrics(self, losses: List[torch.Tensor], num_tokens: int) -> Dict:
+        """One all-reduce over the world for everything the step reports."""
+        E = self.model_cfg.n_experts
+        v = torch.zeros(6 + E, dtype=torch.float64, device=self.device)
+        first_tp = self.coords.tp == 0
+        if losses and first_tp:
+            v[0] = torch.stack(losses).sum().double()
+        if first_tp:
+            v[1:4] = self._stats.sums[:3]
+            v[6:] = self._stats.sums[3:]
+        v[4] = self.optimizer.local_norm_sq()
+        if self.dims.pp > 1 and first_tp and self.coords.dp == 0:
+            v[5] = self._bubble_local
+        dist.all_reduce(v)
+        v = v.tolist()
+        calls = v[3]
+        moe = self.model_cfg.is_moe and calls > 0
+        out = {
+            "loss": v[0] / self.dims.dp,
+            "aux_loss": v[1] / calls if moe else 0.0,
+            "z_loss": v[2] / calls if moe else 0.0,
+            "grad_norm": math.sqrt(v[4]) if v[4] >= 0 else float("nan"),
+            "skipped": False,
+            "tokens_per_expert": [int(round(x)) for x in v[6:]] if self.model_cfg.is_moe else [],
+            "num_tokens": int(num_tokens),
+        }
+        if self.dims.pp > 1:
+            self.measured_bubble_fraction = v[5] / self.dims.pp
+            out["bubble_measured"] = self.measured_bubble_fraction
+        return out
+
+    # ------------------------------------------------------------ state
+
+    def named_parameters(self):
+        """(fqn, local parameter) over this rank's parts; FQNs are the whole model's."""
+        return [(fqn, p) for fqn, (p, _) in self._params.items()]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Flat dict for torch.distributed.checkpoint, sharing storage with the engine.
+
+        "model.<fqn>": every local parameter; "optim.<fqn>.exp_avg" / "exp_avg_sq" / "step": the
+        AdamW state this rank keeps (its ZeRO share). Shards are DTensors (experts Shard(0) over ep,
+        tensor-parallel shards Shard(dim) over tp), so DCP reshards into any layout. Because the
+        values alias the engine's tensors, `dcp.load(engine.state_dict(), ...)` restores the engine
+        in place; load_state_dict(sd) then has nothing left to copy (calling it is still right).
+        """
+        sd: Dict[str, torch.Tensor] = {}
+        for fqn, (p, spec) in self._params.items():
+            sd[f"model.{fqn}"] = to_dtensor(p.detach(), spec, self.meshes)
+        for fqn, st in self.optimizer.owned_state().items():
+            spec = self._params[fqn][1]
+            for k in OPTIM_KEYS:
+                sd[f"optim.{fqn}.{k}"] = to_dtensor(st[k], spec, self.meshes) if k != "step" else st[k]
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy `sd` into the engine. Values may be this layout's (DTensor or local shards, e.g. after
+        dcp.load into state_dict()) or whole tensors (full_state_dict of any layout), which are cut
+        to this rank's shard. strict=False allows missing optimizer keys (weights only)."""
+        from torch.distributed.tensor import DTensor
+
+        targets = {f"model.{fqn}": (p.data, spec) for fqn, (p, spec) in self._params.items()}
+        for fqn, st in self.optimizer.owned_state().items():
+            for k in OPTIM_KEYS:
+                targets[f"optim.{fqn}.{k}"] = (st[k], self._params[fqn][1])
+        missing = [k for k in targets if k not in sd and (strict or k.startswith("model."))]
+        if missing:
+            raise KeyError(f"state dict lacks {len(missing)} of this rank's keys, e.g. {missing[:3]}")
+        for key, (dst, spec) in targets.items():
+            if key not in sd:
+                continue
+            src = sd[key]
+            if isinstance(src, DTensor):
+                src = src.to_local()
+            if src.shape != dst.shape and dst.dim() > 0:
+                src = local_view(src, spec, self.dims, self.coords)
+            if src.shape != dst.shape:
+                raise ValueError(f"{key}: got shape {tuple(src.shape)}, this rank holds {tuple(dst.shape)}")
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+
+    def full_state_dict(self, grads: bool = False) -> Dict[str, torch.Tensor]:
+        """The whole model's parameters (CPU, FQN -> tensor, as Transformer.state_dict() names them) on
+        every rank; grads=True gives their gradients as of the last step instead (averaged, clipped).
+        Collective; gathers everything, so for tests, export and small models."""
+        local = {}
+        for fqn, (p, spec) in self._params.items():
+            t = p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
+            local[fqn] = full_tensor(t, spec, self.meshes).cpu()
+        if self.dims.pp > 1:
+            parts: List[Optional[Dict]] = [None] * self.dims.pp
+            dist.all_gather_object(parts, local, group=self.meshes.group("pp"))
+            local = {k: v for part in parts for k, v in part.items()}
+        if self.model_cfg.tie_embeddings and "tok_embeddings.weight" in local:
+            local["output.weight"] = local["tok_embeddings.weight"]
+        return local
+
+    # ------------------------------------------------------------ reports
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes on this rank: params, grads (as of the last step), optimizer (its ZeRO share),
+        activations_peak (saved for backward in the last step) and total_peak."""
+        params = tensor_bytes(p for p, _ in self._params.values())
+        optim = self.optimizer.state_bytes()
+        fixed = params + self._grad_bytes + optim
+        if self.device.type == "cuda":
+            total = torch.cuda.max_memory_allocated(self.device)
+            activations = max(0, total - fixed)
+        else:
+            activations = self._activation_peak
+            total = fixed + activations
+        return {"params": params, "grads": self._grad_bytes, "optimizer": optim,
+                "activations_peak": activations, "total_peak": total}

@@ -1,0 +1,111 @@
+"""Tensor parallelism (Megatron-LM): attention heads and FFN columns split over the tp group.
+
+Activations stay whole (replicated) on every tensor rank; a block's attention
+and its FFN each cost one all-reduce forward and one backward:
+
+    x -> copy_to_tp -> [wq, wk, wv column shards | w1, w3 column shards]  (local heads / columns)
+      -> [wo | w2 row shards] -> partial sums -> reduce_from_tp -> y
+
+`copy_to_tp` is the identity forward and sums the input gradient backward (each
+rank only sees its heads' share of it); `reduce_from_tp` sums the partial
+outputs forward and is the identity backward (collectives.py). Stacked experts (E, D, F) are
+split the same way along F. The router, the norms, the embedding and the head
+stay whole on every tensor rank (their gradients are identical there).
+
+K and V: with n_kv_heads divisible by tp they are split like Q. With fewer KV
+heads than tensor ranks (MQA's single head, as in the seed) each rank keeps the
+whole K/V projection and uses the heads its query heads need, as Megatron
+does; those weights are replicated, so their gradients are partial sums that
+the optimizer side adds over tp (`ShardTag.tp_partial`).
+
+Parameters stay plain local tensors (not DTensor parameters): the model code,
+the pipeline stage and ZeroRedundancyOptimizer (whose parameter broadcast has no
+DTensor rule) all see ordinary tensors. The checkpoint exposes each shard as a
+DTensor with its placement (see sharding.py), so DCP reshards across layouts.
+Apply after init_weights on the whole-width module: `apply_tp` slices real
+tensors (see engine.build_model_parts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moray.model.layers import Attention
+from moray.model.moe import MLP, MoE
+from moray.parallel.collectives import copy_to_tp, reduce_from_tp
+from moray.parallel.expert_parallel import ParallelExperts, as_parallel_experts
+from moray.parallel.sharding import tag
+
+
+class ReplicatedKV(nn.Module):
+    """A K or V projection kept whole on each tensor rank; forward returns only the one KV head
+    this rank's query heads share. The parameter is still called `weight` (same FQN)."""
+
+    def __init__(self, linear: nn.Linear, head_dim: int, kv_head: int):
+        super().__init__()
+        self.weight = linear.weight
+        self.rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
+        self.in_features, self.out_features = linear.in_features, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[self.rows])
+
+
+def _narrow_linear(lin: nn.Linear, dim: int, rank: int, size: int) -> None:
+    """Keep this rank's 1/size of `lin.weight` (out, in) along `dim`: 0 splits the outputs (column
+    parallel), 1 the inputs (row parallel)."""
+    w = lin.weight.detach()
+    n = w.shape[dim] // size
+    lin.weight = nn.Parameter(w.narrow(dim, rank * n, n).clone())
+    lin.out_features, lin.in_features = lin.weight.shape
+    tag(lin, "weight", tp_dim=dim)
+
+
+def _wrap_in_tp_region(module: nn.Module, group) -> None:
+    """copy_to_tp on the module's first input, reduce_from_tp on its output."""
+    module.register_forward_pre_hook(lambda m, args: (copy_to_tp(args[0], group),) + tuple(args[1:]))
+    module.register_forward_hook(lambda m, args, out: reduce_from_tp(out, group))
+
+
+def apply_tp_attention(att: Attention, group, rank: int, size: int) -> None:
+    _narrow_linear(att.wq, 0, rank, size)
+    if att.n_kv_heads % size == 0:
+        _narrow_linear(att.wk, 0, rank, size)
+        _narrow_linear(att.wv, 0, rank, size)
+    else:  # fewer KV heads than ranks: keep them whole, use the one this rank's query heads share
+        first_q = rank * att.n_heads // size
+        kv_head = first_q // (att.n_heads // att.n_kv_heads)
+        for name in ("wk", "wv"):
+            kv = ReplicatedKV(getattr(att, name), att.head_dim, kv_head)
+            tag(kv, "weight", tp_partial=True)
+            setattr(att, name, kv)
+    _narrow_linear(att.wo, 1, rank, size)
+    _wrap_in_tp_region(att, group)
+
+
+def apply_tp_mlp(mlp: MLP, group, rank: int, size: int) -> None:
+    _narrow_linear(mlp.w1, 0, rank, size)
+    if mlp.w3 is not None:
+        _narrow_linear(mlp.w3, 0, rank, size)
+    _narrow_linear(mlp.w2, 1, rank, size)
+    _wrap_in_tp_region(mlp, group)
+
+
+def apply_tp_experts(moe: MoE, group, rank: int, size: int) -> None:
+    experts: ParallelExperts = as_parallel_experts(moe)
+    experts.shard_ffn(group, rank, size)
+
+
+def apply_tp(model: nn.Module, group, rank: int, size: int) -> None:
+    """Split every block of `model` (a whole Transformer or a pipeline stage) over the tp group."""
+    if size == 1:
+        return
+    for block in model.layers.values():
+        apply_tp_attention(block.attention, group, rank, size)
+        ff = block.feed_forward
+        if isinstance(ff, MoE):
+            apply_tp_experts(ff, group, rank, size)
+        else:
+            apply_tp_mlp(ff, group, rank, size)

@@ -1,0 +1,93 @@
+"""Layouts without processes: what fits, what does not and why, stage balancing, the bubble."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_utils import tiny_config
+from moray.parallel import LayoutError, ParallelConfig, ParallelDims
+from moray.parallel.engine import check_schedule
+from moray.parallel.pipeline import bubble_fraction, layer_cost, partition_layers, stage_ids
+
+
+@pytest.mark.parametrize("dims,needle", [
+    (ParallelDims(6, tp=2, pp=2, dp=1), "world size must be a multiple of 4"),
+    (ParallelDims(8, tp=2, pp=2, dp=1), "use dp = 2"),
+    (ParallelDims(4, dp=4, ep=3), "ep in [1, 2, 4] fits dp 4"),
+    (ParallelDims(6, dp=6, ep=3), "ep 3 must divide n_experts 4; with dp 6, ep in [1, 2] fits"),
+    (ParallelDims(8, pp=8), "8 pipeline stages for 4 layers: every stage needs a layer; use pp in 1..4"),
+    (ParallelDims(3, tp=3), "tp 3 must divide n_heads 4, ffn_hidden 256; tp in [1, 2, 4] fits this model"),
+])
+def test_bad_layout_says_what_would_fit(dims, needle):
+    with pytest.raises(LayoutError) as err:
+        dims.validate(tiny_config())
+    assert needle in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(LayoutError) as err:
+        ParallelDims(16, pp=8, dp=2, ep=3).validate(tiny_config())
+    msg = str(err.value)
+    assert "ep 3 must divide dp 2" in msg and "8 pipeline stages for 4 layers" in msg
+
+
+def test_mqa_replicates_kv_over_tensor_ranks():
+    ParallelDims(4, tp=4).validate(tiny_config())  # 1 KV head, 4 tensor ranks: fine
+    gqa = tiny_config(n_heads=8, n_kv_heads=4, d_model=128)
+    ParallelDims(2, tp=2).validate(gqa)  # KV heads split
+    ParallelDims(8, tp=8).validate(gqa)  # 4 KV heads, 8 ranks: each keeps the head its queries share
+    assert ParallelDims.valid_tp(tiny_config(n_heads=8, n_kv_heads=8)) == [1, 2, 4, 8]
+
+
+def test_dense_model_has_no_experts_to_spread():
+    with pytest.raises(LayoutError, match="needs experts but the model is dense"):
+        ParallelDims(2, dp=2, ep=2).validate(tiny_config(n_experts=1))
+
+
+def test_interleaved_needs_a_layer_per_virtual_stage():
+    with pytest.raises(LayoutError, match="pp x virtual_stages <= 4"):
+        ParallelDims(2, pp=2).validate(tiny_config(), virtual_stages=4)
+
+
+def test_schedule_needs_enough_microbatches():
+    dims = ParallelDims(4, pp=4)
+    with pytest.raises(LayoutError, match="1F1B needs at least pp = 4 microbatches"):
+        check_schedule(ParallelConfig(pp=4, microbatches=2), dims)
+    with pytest.raises(LayoutError, match="multiple of pp"):
+        check_schedule(ParallelConfig(pp=4, microbatches=6, schedule="interleaved_1f1b"), dims)
+    check_schedule(ParallelConfig(pp=4), dims)  # default: 2 * pp microbatches
+
+
+def test_coordinates_put_tensor_ranks_innermost_and_experts_inside_dp():
+    dims = ParallelDims(16, tp=2, pp=2, dp=4, ep=2)
+    assert dims.edp == 2
+    c = dims.coords(13)  # 13 = (1 * 4 + 2) * 2 + 1
+    assert (c.pp, c.dp, c.tp, c.ep, c.edp) == (1, 2, 1, 0, 1)
+    assert dims.dp_rank(13) == 2 and dims.pp_rank(13) == 1
+    assert dims.describe() == {"world_size": 16, "pp": 2, "dp": 4, "tp": 2, "ep": 2}
+    assert ParallelDims.from_config(ParallelConfig(tp=2, pp=2, ep=2), 16) == dims
+
+
+def test_stages_balance_cost_with_embedding_and_head():
+    cfg = tiny_config()
+    assert partition_layers(cfg, 2) == [range(0, 2), range(2, 4)]
+    assert [len(r) for r in partition_layers(cfg, 3)] == [1, 2, 1]  # the ends pay for embedding and head
+    big_vocab = tiny_config(vocab_size=100_000, n_layers=8, n_experts=1)
+    assert 2 * 128 * 100_000 > layer_cost(big_vocab, 256)  # the head costs more than a block here...
+    ranges = partition_layers(big_vocab, 4)
+    assert [len(r) for r in ranges] == [1, 3, 3, 1]  # ...so the end stages get fewer blocks
+    assert sum(len(r) for r in ranges) == 8 and ranges[0].start == 0 and ranges[-1].stop == 8
+
+
+def test_interleaved_stage_ids_and_bubble():
+    assert stage_ids(1, 4, 2) == [1, 5]
+    assert bubble_fraction(1, 8) == 0.0
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction(4, 8, virtual_stages=2) == pytest.approx(3 / 19)
+
+
+def test_engine_needs_a_process_group():
+    from moray.parallel import TrainEngine
+
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        TrainEngine(tiny_config(), ParallelConfig(), ParallelDims(1), rank=0, device="cpu")
