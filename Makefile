@@ -16,14 +16,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Prepares the stdlib demo corpus, then pretrains configs/tiny.yaml as 2 pipeline
+# stages x 2 expert shards on an embedded local Ray cluster; the run lands in runs/demo/.
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py
+	rm -rf runs/demo
+	$(BIN)/python jobs/prepare_data.py --config configs/tiny.yaml
+	$(BIN)/python jobs/pretrain.py --config configs/tiny.yaml --set train.run_name=demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_step.py
+	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/checkpoint_stall.py
+	$(BIN)/python bench/pretrain_overhead.py
+	$(BIN)/python bench/recovery.py
 
 clean:
 	rm -rf $(VENV) runs data

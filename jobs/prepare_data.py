@@ -19,7 +19,7 @@ import time
 import _common
 
 from moray.data.manifest import DataError
-from moray.data.prepare import configured_data, prepare
+from moray.data.preparation import configured_data, prepare
 from moray.data.sources import SourceError
 from moray.data.tokenizer import TokenizerError
 

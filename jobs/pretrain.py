@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     cfg = _common.load(args)
 
     from moray.data import DataError, TokenizerError
-    from moray.data.prepare import ensure_prepared
+    from moray.data.preparation import ensure_prepared
     from moray.data.sources import SourceError
     from moray.platform.config import ConfigError
     from moray.platform.controller import RunFailed, run_pretraining

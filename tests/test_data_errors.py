@@ -160,7 +160,7 @@ def test_no_ray_pydantic_or_tokenizers_at_import():
     import subprocess
     import sys
 
-    code = ("import sys, moray.data, moray.data.sampler, moray.data.prepare; "
+    code = ("import sys, moray.data, moray.data.sampler, moray.data.preparation; "
             "print(sorted(m for m in ('ray', 'pydantic', 'tokenizers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -180,7 +180,7 @@ def _job():
 
 
 def test_ensure_prepared_keeps_the_prepared_seq_len(tmp_path):
-    from moray.data.prepare import ensure_prepared
+    from moray.data.preparation import ensure_prepared
     from moray.platform.config import load_config
 
     prepare_corpus(tmp_path)  # at seq_len 16

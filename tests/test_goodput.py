@@ -41,3 +41,19 @@ def test_the_optimal_interval_beats_its_neighbours():
     for factor in (0.3, 3.0):
         other = closed_form(GoodputInputs(**x, interval_s=best.interval_s * factor))
         assert other.goodput < best.goodput
+
+
+def test_plan_has_a_goodput_section_for_the_seed_run():
+    from moray.platform.config import load_config
+    from moray.platform.planner.plan import build_plan, resolve_request
+
+    cfg = load_config("configs/gpt4.yaml")
+    req = resolve_request(cfg, gpus=24_960, tokens=13e12, mfu=0.34,
+                          options={"simulate_trials": 20, "recovery_s": 600.0, "checkpoint_stall_s": 60.0})
+    g = build_plan(req)["goodput"]
+    assert g["mtbf_hours"] == pytest.approx(1 / (FAILURES_PER_GPU_HOUR * 24_960))
+    assert g["checkpoint_interval_s"] == pytest.approx(young_daly_interval(60.0, g["mtbf_hours"] * 3600))
+    assert 0.5 < g["goodput"] < 1
+    assert g["simulated_goodput"] == pytest.approx(g["goodput"], rel=0.03)
+    assert g["effective_mfu"] == pytest.approx(0.34 * g["goodput"])
+    assert g["wall_days"] > g["failure_free_days"]

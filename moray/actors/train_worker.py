@@ -68,6 +68,7 @@ class TrainingWorker:
                                      world_size=world_size, async_save=t.async_checkpoint)
         self.step = 0
         self.tokens_seen = 0
+        self.halted = False
         self._flops_per_token, self._peak = _flops_and_peak(cfg)
 
     # ------------------------------------------------------------ set-up
@@ -79,7 +80,7 @@ class TrainingWorker:
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.rank == 0 or kind in ("hang", "chaos"):
-            self.rundir.event(kind, rank=self.rank, **fields)
+            self.rundir.event(kind, **{"rank": self.rank, **fields})
 
     def _restore(self) -> None:
         if self.rundir.is_retry():
@@ -115,19 +116,22 @@ class TrainingWorker:
         watchdog = StepWatchdog(t.hang_timeout_s, self._on_hang).start()
         try:
             while self.step < t.max_steps:
-                self._one_step()
+                if not self._one_step():
+                    self.halted = True
+                    break  # no final checkpoint of a state that produced NaN
                 watchdog.beat(self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self._checkpoint(final=self.step == t.max_steps)
             info = self.store.close()  # the last save committed, its writer thread stopped
             if info is not None:
                 self._event("checkpoint", step=info.step, path=str(info.path), seconds=info.seconds)
-            if self.rank == 0:
+            if self.rank == 0 and not self.halted:
                 self.rundir.event("finish", step=self.step, tokens_seen=self.tokens_seen)
         finally:
             watchdog.stop()
 
-    def _one_step(self) -> None:
+    def _one_step(self) -> bool:
+        """One optimizer step; False when the run must halt."""
         t, p = self.cfg.train, self.cfg.parallel
         self.chaos.before_step(self.step, self._event)
         unit = self.dp_size * t.micro_batch_size * p.num_microbatches
@@ -141,16 +145,18 @@ class TrainingWorker:
                    decay_steps=t.lr_decay_steps or t.max_steps)
         self.engine.set_lr(lr)
         start = time.perf_counter()
-        out = self.engine.step(tokens.to(self.device), skip_nonfinite=t.on_nan == "skip")
+        # Never apply a non-finite update, whatever on_nan says: the weights stay as they were.
+        out = self.engine.step(tokens.to(self.device), skip_nonfinite=True)
         seconds = time.perf_counter() - start
         for handle in poison:
             handle.remove()
-        if not np.isfinite(out["loss"]) and t.on_nan != "skip":
-            self._event("nan", step=self.step, action=t.on_nan)
-            raise FloatingPointError(
-                f"loss is {out['loss']} at step {self.step} (train.on_nan={t.on_nan}); "
-                f"resume from the last checkpoint with --resume auto, or set train.on_nan=skip"
-            )
+        if out.get("skipped") and t.on_nan == "halt":
+            self._event("halt", step=self.step, loss=out["loss"], reason="non-finite loss (train.on_nan=halt)")
+            return False
+        if out.get("skipped") and t.on_nan == "restart":
+            self._event("nan", step=self.step, loss=out["loss"], action="restart")
+            raise FloatingPointError(f"loss is {out['loss']} at step {self.step} (train.on_nan=restart): "
+                                     f"restarting from the last committed checkpoint")
         if out.get("skipped"):
             self._event("step_skipped", step=self.step, loss=out["loss"], reason="non-finite loss or gradient")
         n_tok = global_seqs * t.seq_len
@@ -158,6 +164,23 @@ class TrainingWorker:
         self._log(out, lr, n_tok, seconds, global_seqs)
         self.step += 1
         self._maybe_commit()
+        return True
+
+    def _memory_vs_plan(self, local_seqs: int) -> Dict[str, Any]:
+        """This rank's measured peak tensor memory beside the planner's estimate for its stage."""
+        from moray.platform.planner import estimate_memory
+
+        p, t = self.cfg.parallel, self.cfg.train
+        measured = self.engine.memory_report()
+        est = estimate_memory(self.cfg.model, p, micro_batch_size=local_seqs // p.num_microbatches,
+                              seq_len=t.seq_len, dtype=t.dtype, stage=self.dims.pp_rank(self.rank),
+                              dp=self.dp_size, microbatches=p.num_microbatches)
+        # A CPU saved-tensor hook cannot see the block torch.utils.checkpoint rebuilds in backward.
+        planned = est.total_bytes - (est.recompute_bytes if self.device.type == "cpu" else 0)
+        rec = {**measured, "planned_total": planned, "planned_activations": est.activations_bytes,
+               "measured_over_planned": measured["total_peak"] / planned}
+        self.rundir.event("memory", rank=self.rank, stage=self.dims.pp_rank(self.rank), **rec)
+        return rec
 
     def _poison_embeddings(self):
         """chaos.nan_at_step: this step's embeddings (hence its loss) become NaN; weights stay intact."""
@@ -174,10 +197,12 @@ class TrainingWorker:
             "batch_sequences": global_seqs, "step_seconds": seconds, "tokens_per_s": tps,
             "mfu": tps * self._flops_per_token / (self._peak * self.world_size),
             "expert_share": (counts / counts.sum()).round(5).tolist() if counts.size and counts.sum() else None,
-            "bubble": self.engine.bubble_fraction, "skipped": bool(out.get("skipped", False)),
+            "bubble": self.engine.bubble_fraction, "bubble_measured": out.get("bubble_measured"),
+            "skipped": bool(out.get("skipped", False)),
         }
-        if self.step == 0:
-            rec["memory"] = self.engine.memory_report()
+        if not hasattr(self, "memory"):  # the first step of each attempt
+            self.memory = self._memory_vs_plan(global_seqs // self.dp_size)
+            rec["memory"] = self.memory
         if self.rank == 0:
             self.rundir.metrics(rec)
             if self.step % self.cfg.train.log_every == 0:

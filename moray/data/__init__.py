@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "DataError": "manifest", "Manifest": "manifest", "PrepareResult": "prepare", "prepare": "prepare",
+    "DataError": "manifest", "Manifest": "manifest", "PrepareResult": "preparation", "prepare": "preparation",
     "MixtureSampler": "sampler", "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
     "TokenizerError": "tokenizer", "load_tokenizer": "tokenizer",
 }

@@ -104,7 +104,7 @@ class Controller:
                     f"--resume never, but {self._store().root} already holds checkpoints of an earlier run; "
                     f"point train.storage somewhere new, or resume with --resume auto")
         (self.run.path / "config.yaml").write_text(self.cfg.to_yaml())
-        self.run.event("submit", world_size=self.world_size, resume=resume, layout=self.cfg.parallel.to_dict())
+        submitted = self.run.event("submit", world_size=self.world_size, resume=resume, layout=self.cfg.parallel.to_dict())
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": self.cfg.to_dict(), "resume": resume},
@@ -131,6 +131,10 @@ class Controller:
         except Exception as err:  # Ray Train gave up: max_failures exceeded or a fatal error
             self.run.event("gave_up", error=_short(err))
             raise RunFailed(self._give_up_message(err)) from None
+        halts = [e for e in self.run.read_events() if e["event"] == "halt"]
+        if halts and halts[-1]["time"] > submitted["time"]:
+            raise RunFailed(self._give_up_message(RuntimeError(halts[-1]["reason"] + f" at step {halts[-1]['step']}"),
+                                                  restarts=False))
         metrics = self.run.read_metrics()
         png = plot_loss(metrics, self.run.path / "loss.png", title=f"{t.run_name}: training loss")
         return RunResult(self.run.path, metrics, self.run.read_events(), png)
@@ -142,12 +146,13 @@ class Controller:
         return CheckpointStore(self.cfg.train.storage or self.run.checkpoints, keep=self.cfg.train.keep_checkpoints,
                                rank=0, world_size=1, async_save=False)
 
-    def _give_up_message(self, err: BaseException) -> str:
+    def _give_up_message(self, err: BaseException, restarts: bool = True) -> str:
         store = self._store()
         step = store.latest_step()
         where = f"the last good checkpoint is step {step} in {store.root}" if step is not None else \
             "no checkpoint was committed"
-        return (f"run {self.cfg.train.run_name!r} stopped after {self.cfg.train.max_failures} restarts: "
+        why = f"stopped after {self.cfg.train.max_failures} restarts" if restarts else "halted"
+        return (f"run {self.cfg.train.run_name!r} {why}: "
                 f"{_short(err)}\n{where}; events: {self.run.events_path}\n"
                 f"resume with: python jobs/pretrain.py --config {self.run.path / 'config.yaml'} --resume auto")
 

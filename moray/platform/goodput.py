@@ -67,10 +67,13 @@ def closed_form(x: GoodputInputs) -> Goodput:
     wall_per_segment = mtbf_s * math.exp(R / mtbf_s) * math.expm1((tau + d) / mtbf_s)
     goodput = tau / wall_per_segment
     saving = goodput * d / tau
-    restart = min(1.0 - goodput - saving, R / mtbf_s)
+    # Split the rest between recomputing and restarting as their first-order terms do.
+    recompute_fo, restart_fo = (tau + d) / (2 * mtbf_s), R / mtbf_s
+    rest = max(0.0, 1.0 - goodput - saving)
+    restart = rest * restart_fo / (recompute_fo + restart_fo)
     wall_days = x.run_days / goodput
     return Goodput(mtbf_hours=mtbf_s / 3600, interval_s=tau, expected_failures=wall_days * 86400 / mtbf_s,
-                   lost_to_saving=saving, lost_to_recompute=max(0.0, 1.0 - goodput - saving - restart),
+                   lost_to_saving=saving, lost_to_recompute=rest - restart,
                    lost_to_restart=restart, goodput=goodput, wall_days=wall_days)
 
 

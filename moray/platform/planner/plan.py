@@ -71,6 +71,7 @@ class Section:
 
 def sections() -> List[Section]:
     """The report, in order. Imported late so the registry is one list in one place."""
+    from moray.platform.planner import goodput_section as goodput
     from moray.platform.planner import report, seed_check
     from moray.platform.planner import sections as s
 
@@ -80,7 +81,7 @@ def sections() -> List[Section]:
         Section("memory", s.memory_section, report.render_memory),
         Section("layouts", s.layouts_section, report.render_layouts),
         Section("inference", s.inference_section, report.render_inference),
-        # issue 6: Section("goodput", goodput.build, goodput.render, goodput.add_arguments),
+        Section("goodput", goodput.build, goodput.render, goodput.add_arguments),
         Section("seed_check", seed_check.seed_check_section, report.render_seed_check),
     ]
 

@@ -1,0 +1,111 @@
+"""What the Ray pipeline costs: tokens/s of distributed pretraining on a local Ray
+cluster against the same model and global batch stepped in one process, and the
+pipeline bubble measured against (p-1)/(m+p-1).
+
+    python bench/pretrain_overhead.py [--steps 12]
+
+On 2 CPU cores the workers share the cores, so the ratio shows overhead
+(scheduling, gloo collectives, pipeline sends), not speed-up.
+Results: bench/results/pretrain_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LAYOUTS = {
+    "pp2 x ep2 (4 workers)": ["parallel.pp=2", "parallel.ep=2", "cluster.num_workers=4"],
+    "pp2 (2 workers)": ["parallel.pp=2", "parallel.ep=1", "cluster.num_workers=2"],
+    "dp2 + ZeRO-1 (2 workers)": ["parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2"],
+}
+
+
+def one_process(cfg, steps: int) -> dict:
+    """The same model, global batch and microbatch split, in this process: the baseline."""
+    import torch
+
+    from moray.data import MixtureSampler
+    from moray.model import build_model
+    from moray.model.moe import set_aux_grad_scale
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    m = cfg.parallel.num_microbatches
+    set_aux_grad_scale(model, 1.0 / m)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    sampler = MixtureSampler.from_config(cfg)
+    seqs = 2 * cfg.train.micro_batch_size * m  # dp 2's global batch, as in the distributed runs
+    times = []
+    for _ in range(steps):
+        x = torch.as_tensor(sampler.next_batch(seqs), dtype=torch.long)
+        start = time.perf_counter()
+        opt.zero_grad()
+        for chunk in x.chunk(2 * m):
+            logits = model(chunk[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()) / (2 * m)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times[2:])
+    return {"step_s": step_s, "tokens_per_s": seqs * cfg.train.seq_len / step_s}
+
+
+def on_ray(overrides, steps: int, data_dir: str) -> dict:
+    from moray.platform.config import load_config
+    from moray.platform.controller import run_pretraining
+
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"train.runs_dir={runs}", "train.run_name=bench",
+                                                      f"data.dir={data_dir}", f"train.max_steps={steps}",
+                                                      f"train.checkpoint_every={steps}", *overrides])
+        metrics = run_pretraining(cfg).metrics
+    steady = [m for m in metrics if m["step"] >= 2]
+    step_s = statistics.median(m["step_seconds"] for m in steady)
+    measured = [m["bubble_measured"] for m in steady if m.get("bubble_measured") is not None]
+    return {"step_s": step_s, "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady),
+            "bubble_theory": steady[0]["bubble"], "bubble_measured": statistics.median(measured) if measured else None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    args = p.parse_args()
+
+    from moray.data.preparation import ensure_prepared
+    from moray.platform.config import load_config
+
+    data_dir = str(ROOT / "data" / "demo")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.dir={data_dir}"])
+    ensure_prepared(cfg, log=lambda *_: None)
+    base = one_process(cfg, args.steps)
+    rows = [{"layout": "one process (baseline)", **base, "ratio": 1.0}]
+    for name, overrides in LAYOUTS.items():
+        r = on_ray(overrides, args.steps, data_dir)
+        rows.append({"layout": name, **r, "ratio": r["tokens_per_s"] / base["tokens_per_s"]})
+
+    print(f"\n{'layout':<28}{'step s':>9}{'tokens/s':>11}{'vs 1 proc':>11}{'bubble':>9}{'measured':>10}")
+    for r in rows:
+        theory = f"{r['bubble_theory']:.1%}" if r.get("bubble_theory") else "-"
+        measured = f"{r['bubble_measured']:.1%}" if r.get("bubble_measured") is not None else "-"
+        print(f"{r['layout']:<28}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['ratio']:>10.2f}x"
+              f"{theory:>9}{measured:>10}")
+    out = ROOT / "bench/results/pretrain_overhead.json"
+    out.write_text(json.dumps({"rows": rows, "steps": args.steps, "model": "configs/tiny.yaml",
+                               "machine": "2 CPU cores, local Ray cluster, float32"}, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
