@@ -122,9 +122,7 @@ class TrainingWorker:
                 watchdog.beat(self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self._checkpoint(final=self.step == t.max_steps)
-            info = self.store.close()  # the last save committed, its writer thread stopped
-            if info is not None:
-                self._event("checkpoint", step=info.step, path=str(info.path), seconds=info.seconds)
+            self._record_commit(self.store.close())  # the last save committed, its writer thread stopped
             if self.rank == 0 and not self.halted:
                 self.rundir.event("finish", step=self.step, tokens_seen=self.tokens_seen)
         finally:
@@ -222,9 +220,12 @@ class TrainingWorker:
             self._maybe_commit(wait=True)
 
     def _maybe_commit(self, wait: bool = False) -> None:
-        info = self.store.wait() if wait else self.store.poll()
+        self._record_commit(self.store.wait() if wait else self.store.poll())
+
+    def _record_commit(self, info) -> None:
         if info is not None:
-            self._event("checkpoint", step=info.step, path=str(info.path), seconds=info.seconds)
+            self._event("checkpoint", step=info.step, path=str(info.path), stall_s=info.stall_s,
+                        seconds=info.seconds)
 
     def _on_hang(self, stalled_s: float, step: Optional[int]) -> None:
         self.rundir.event("hang", rank=self.rank, step=step, stalled_s=round(stalled_s, 1),

@@ -2,8 +2,6 @@
 
     moray plan --config configs/gpt4.yaml       # moray.platform.cli_plan
     moray convert --from-hf DIR --out DIR       # moray.platform.cli_convert
-    moray route ...                             # moray.platform.cli_route
-    moray k8s ...                               # moray.platform.cli_k8s
 
 A command module defines `add_parser(subparsers)`, which adds its parser and
 sets `func` (called with the parsed args, returns an exit code), and may define
@@ -24,17 +22,7 @@ from typing import List, Optional
 COMMANDS = {  # name -> (module, one-line help)
     "plan": ("moray.platform.cli_plan", "capacity planner: parameters, FLOPs, memory, layouts, days, cost, serving"),
     "convert": ("moray.platform.cli_convert", "convert checkpoints between Hugging Face Mixtral and moray"),
-    "route": ("moray.platform.cli_route", "route requests across datacenters (multi-region Serve apps)"),
-    "k8s": ("moray.platform.cli_k8s", "write KubeRay manifests (RayCluster, RayJob, RayService)"),
 }
-
-
-def _unavailable(name: str, module: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"moray {name}: not available in this install ({module} is missing)", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _chosen(argv: List[str]) -> Optional[str]:
@@ -48,13 +36,7 @@ def build_parser(argv: List[str]) -> tuple[argparse.ArgumentParser, Optional[obj
     chosen, module = _chosen(argv), None
     for name, (module_name, help_text) in COMMANDS.items():
         if name == chosen:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as err:
-                if err.name != module_name:
-                    raise
-                sub.add_parser(name, help=help_text).set_defaults(func=_unavailable(name, module_name))
-                continue
+            module = importlib.import_module(module_name)
             module.add_parser(sub)
         else:
             sub.add_parser(name, help=help_text, add_help=False)

@@ -17,6 +17,8 @@ from moray.platform.runlog import RunDir
 
 def classify(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
+    if "HealthCheck" in text or "unavailable" in text.lower():
+        return "worker_lost"  # its process or its whole node stopped answering
     if any(k in text for k in ("gloo", "NCCL", "Connection closed by peer", "Read error")):
         return "peer_lost"  # this rank survived, but a peer in its collective went away
     if "ActorDied" in text or "died" in text.lower() or "exit" in text.lower():
