@@ -32,6 +32,8 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # Ray 2.60: `ray start` turns token authentication on when a token exists; make one first.
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--disable-usage-stats"],
@@ -44,7 +46,7 @@ def ray_head(tmp_path_factory):
 
 def test_pretrain_job_succeeds_under_ray_job_submit(ray_head, tmp_path):
     env, address = ray_head
-    assert (Path(env["HOME"]) / ".ray" / "auth_token").exists(), "ray start should write the token file"
+    assert (Path(env["HOME"]) / ".ray" / "auth_token").exists()
     runs = tmp_path / "runs"
     data = tmp_path / "data"
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
@@ -62,7 +64,7 @@ def test_pretrain_job_succeeds_under_ray_job_submit(ray_head, tmp_path):
 
 def test_client_without_token_is_refused(ray_head):
     env, address = ray_head
-    env = {**env, "HOME": "/nonexistent-home"}
+    env = {**env, "HOME": "/nonexistent-home"}  # no token file to present
     proc = subprocess.run([RAY, "job", "list", "--address", address], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -10,7 +10,9 @@ from moray.platform.controller import Controller, run_pretraining
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = ["train.checkpoint_every=2", "train.keep_checkpoints=5", "train.warmup_steps=2", "train.max_failures=0"]
+# One LR schedule for every run (it depends on lr_decay_steps, not on where a run stops).
+STEPS = ["train.checkpoint_every=2", "train.keep_checkpoints=5", "train.warmup_steps=2", "train.lr_decay_steps=8",
+         "train.max_failures=0"]
 
 
 @pytest.fixture(scope="module")
