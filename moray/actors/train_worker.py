@@ -10,6 +10,7 @@ committed checkpoint, so the run goes on as if nothing had happened.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -25,8 +26,12 @@ from moray.platform.schedule import batch_sequences_at, lr_at
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     """Entry point handed to `TorchTrainer`."""
+    import logging
+
     import ray.train
 
+    # One line per step is ours to print; Ray Train's per-report INFO line would double it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     worker = TrainingWorker(
         MorayConfig.model_validate(loop_config["config"]),
@@ -125,6 +130,11 @@ class TrainingWorker:
             self._record_commit(self.store.close())  # the last save committed, its writer thread stopped
             if self.rank == 0 and not self.halted:
                 self.rundir.event("finish", step=self.step, tokens_seen=self.tokens_seen)
+            if self.report is not None:
+                # Once, at the end: ray.train.report blocks until Ray Train's controller polls
+                # (every ~2 s), so a report per step would triple a small model's step time.
+                # Per-step metrics go to metrics.jsonl instead.
+                self.report(getattr(self, "last_metrics", {}))
         finally:
             watchdog.stop()
 
@@ -204,10 +214,11 @@ class TrainingWorker:
         if self.rank == 0:
             self.rundir.metrics(rec)
             if self.step % self.cfg.train.log_every == 0:
-                print(f"step {self.step:5d} | loss {rec['loss']:.4f} | aux {rec['aux_loss'] or 0:.3f} | "
-                      f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {rec['mfu']:.1%}", flush=True)
-        if self.report is not None and self.step % self.cfg.train.log_every == 0:
-            self.report({k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None})
+                # sys.stdout, not print: Ray Train patches print to also log, which shows each line twice.
+                sys.stdout.write(f"step {self.step:5d} | loss {rec['loss']:.4f} | aux {rec['aux_loss'] or 0:.3f} | "
+                                 f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {rec['mfu']:.1%}\n")
+                sys.stdout.flush()
+        self.last_metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
 
     # ------------------------------------------------------------ checkpoints
 

@@ -25,6 +25,7 @@ def connect(address: Optional[str] = None, min_cpus: float = 1.0) -> str:
         return "remote"
     # Logical CPUs: enough for every worker even on a 2-core laptop; the OS shares the cores.
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    # The dashboard serves the state API that Ray Train's clean-up actor polls.
+    ray.init(num_cpus=num_cpus, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     return "embedded"
