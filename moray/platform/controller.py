@@ -45,10 +45,13 @@ def validate_layout(cfg: MorayConfig) -> int:
         ParallelDims(world_size=world, tp=p.tp, pp=p.pp, dp=dp, ep=p.ep).validate(cfg.model)
     except ValueError as err:
         raise ConfigError(f"bad layout: {err}") from None
-    if p.tp > cfg.cluster.gpus_per_node and cfg.cluster.use_gpu:
+    # Ray Train numbers workers node by node, and tp is the innermost mesh dimension, so
+    # each tensor-parallel group lands on one node when tp divides the GPUs of a node.
+    if cfg.cluster.use_gpu and cfg.cluster.gpus_per_node % p.tp:
         raise ConfigError(
-            f"bad layout: parallel.tp={p.tp} exceeds cluster.gpus_per_node={cfg.cluster.gpus_per_node}; "
-            f"a tensor-parallel group must stay inside one node (NVLink): use tp <= {cfg.cluster.gpus_per_node}"
+            f"bad layout: parallel.tp={p.tp} does not divide cluster.gpus_per_node={cfg.cluster.gpus_per_node}; "
+            f"a tensor-parallel group must stay inside one node (NVLink): use tp in "
+            f"{[d for d in range(1, cfg.cluster.gpus_per_node + 1) if cfg.cluster.gpus_per_node % d == 0]}"
         )
     return world
 
