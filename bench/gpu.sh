@@ -10,7 +10,7 @@
 #   1. bench/gpu_checks.py: grouped_mm bf16 on ragged groups, flash+MQA, moray vs HF (fp32 and
 #      bf16 relative error, gradients, KV decode), torch.compile fullgraph
 #   2. bench/model_step.py on configs/bench-moe.yaml, bf16: moray vs MixtralForCausalLM
-#   3. bench/pretrain_step_gpu.py (pretraining MFU; another engineer's, run when present)
+#   3. bench/pretrain_step_gpu.py: MFU of TrainEngine's full step (fwd, bwd, clip, AdamW) vs HF + AdamW
 #   4. bench/model_step.py --compile: adds torch.compile(moray)
 # At most 5 files land in $OUT (the device tool brings back 8): gpu.log and one JSON per step.
 # GPU_STEPS="gpu_checks model_step" runs a subset. The step limits add up to more than one
@@ -82,17 +82,19 @@ if [[ $MODE == cpu ]]; then
   CHECKS=(--device cpu --layers 1)
   STEP=(--device cpu --config configs/tiny.yaml --batch 2 --seq 64 --warmup 1 --steps 2)
   COMPILE_STEP=("${STEP[@]}" --no-hf)
+  PRETRAIN=(--device cpu --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2)
 else
   CHECKS=(--device cuda)
   STEP=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
   COMPILE_STEP=("${STEP[@]}")
+  PRETRAIN=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
 fi
 SUFFIX=$([[ $MODE == cpu ]] && echo cpu_smoke || echo cuda)
 
 step gpu_checks 180 "$PY" bench/gpu_checks.py "${CHECKS[@]}" --out "$OUT/gpu_checks_$SUFFIX.json"
 step model_step 240 "$PY" bench/model_step.py "${STEP[@]}" --out "$OUT/model_step_$SUFFIX.json"
 if [[ -f bench/pretrain_step_gpu.py ]]; then
-  step pretrain_step 240 "$PY" bench/pretrain_step_gpu.py --out "$OUT/pretrain_step_$SUFFIX.json"
+  step pretrain_step 240 "$PY" bench/pretrain_step_gpu.py "${PRETRAIN[@]}" --out "$OUT/pretrain_step_$SUFFIX.json"
 else
   echo; echo "==== pretrain_step: bench/pretrain_step_gpu.py is not in this tree yet; skipped"
   SUMMARY+=("$(printf '%-8s %-22s' skipped pretrain_step)")
@@ -101,7 +103,7 @@ step model_step_compile 360 "$PY" bench/model_step.py "${COMPILE_STEP[@]}" --com
   --out "$OUT/model_step_${SUFFIX}_compile.json"
 
 if [[ $MODE == gpu ]]; then  # keep a copy beside the CPU results when $OUT is elsewhere
-  for f in "$OUT"/model_step_cuda*.json "$OUT"/gpu_checks_cuda.json; do
+  for f in "$OUT"/model_step_cuda*.json "$OUT"/gpu_checks_cuda.json "$OUT"/pretrain_step_cuda.json; do
     [[ -f $f && $(dirname "$f") != bench/results ]] && cp "$f" bench/results/ 2>/dev/null
   done
 fi
