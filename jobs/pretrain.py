@@ -29,9 +29,10 @@ def main(argv=None) -> int:
     from moray.data.preparation import ensure_prepared
     from moray.data.sources import SourceError
     from moray.platform.config import ConfigError
-    from moray.platform.controller import RunFailed, run_pretraining
+    from moray.platform.controller import RunFailed, run_pretraining, validate_layout
 
     try:
+        validate_layout(cfg)  # a bad layout fails before anything else happens
         ensure_prepared(cfg)
         result = run_pretraining(cfg, resume=args.resume)
     except (ConfigError, RunFailed, DataError, SourceError, TokenizerError) as err:
