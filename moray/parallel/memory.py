@@ -44,7 +44,8 @@ class _Saved:
         self.tensor, self.meter, self.key = tensor, meter, key
 
     def __del__(self):
-        if self.key is not None:
+        # getattr: torch.compile can copy an object without running __init__.
+        if getattr(self, "key", None) is not None:
             self.meter._release(self.key)
 
 
