@@ -201,7 +201,7 @@ class TrainingWorker:
         counts = np.asarray(out.get("tokens_per_expert") or [], dtype=np.float64)
         rec = {
             "step": self.step, "time": time.time(), "loss": out["loss"], "aux_loss": out.get("aux_loss"), "z_loss": out.get("z_loss"),
-            "grad_norm": out.get("grad_norm"), "lr": lr, "tokens": n_tok, "tokens_seen": self.tokens_seen + 0,
+            "grad_norm": out.get("grad_norm"), "lr": lr, "tokens": n_tok, "tokens_seen": self.tokens_seen,
             "batch_sequences": global_seqs, "step_seconds": seconds, "tokens_per_s": tps,
             "mfu": tps * self._flops_per_token / (self._peak * self.world_size),
             "expert_share": (counts / counts.sum()).round(5).tolist() if counts.size and counts.sum() else None,
