@@ -57,12 +57,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
 
-    from moray.data.preparation import ensure_prepared
-    from moray.platform.config import load_config
-
-    data_dir = str(ROOT / "data" / "demo")
-    ensure_prepared(load_config(ROOT / "configs/tiny.yaml", [f"data.dir={data_dir}"]), log=lambda *_: None)
-    r = measure(args.kill_at, args.steps, data_dir)
+    r = measure(args.kill_at, args.steps, str(ROOT / "data" / "demo"))  # run_pretraining prepares the data
     stall_file = ROOT / "bench/results/checkpoint_stall.json"
     stall = json.loads(stall_file.read_text()) if stall_file.exists() else None
 

@@ -26,14 +26,11 @@ def main(argv=None) -> int:
     cfg = _common.load(args)
 
     from moray.data import DataError, TokenizerError
-    from moray.data.preparation import ensure_prepared
     from moray.data.sources import SourceError
     from moray.platform.config import ConfigError
-    from moray.platform.controller import RunFailed, run_pretraining, validate_layout
+    from moray.platform.controller import RunFailed, run_pretraining
 
     try:
-        validate_layout(cfg)  # a bad layout fails before anything else happens
-        ensure_prepared(cfg)
         result = run_pretraining(cfg, resume=args.resume)
     except (ConfigError, RunFailed, DataError, SourceError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -26,12 +26,8 @@ from moray.platform.schedule import batch_sequences_at, lr_at
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     """Entry point handed to `TorchTrainer`."""
-    import logging
-
     import ray.train
 
-    # One line per step is ours to print; Ray Train's per-report INFO line would double it.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     worker = TrainingWorker(
         MorayConfig.model_validate(loop_config["config"]),
@@ -61,7 +57,6 @@ class TrainingWorker:
 
         p = cfg.parallel
         self.dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, dp=p.resolved_dp(world_size), ep=p.ep)
-        self.dims.validate(cfg.model)
         torch.manual_seed(t.seed)
         self.engine = TrainEngine(cfg.model, p, self.dims, rank=rank, device=self.device, seed=t.seed,
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,

@@ -9,7 +9,10 @@ the key's full path and, for unknown keys, the keys that are allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
@@ -128,46 +131,38 @@ class MorayConfig(_Section):
 SECTIONS = tuple(MorayConfig.model_fields)
 
 
+def _field_types(tp: Any) -> Dict[str, Any]:
+    """Field name -> type of a section (pydantic model or dataclass); {} for anything else."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return {k: f.annotation for k, f in tp.model_fields.items()}
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp)  # resolves `from __future__ import annotations` strings
+    return {}
+
+
+def _inner(tp: Any) -> Any:
+    """Optional[X] / List[X] -> X (a Literal stays as it is)."""
+    if typing.get_origin(tp) in (typing.Union, list, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _inner(args[0])
+    return tp
+
+
 def _allowed_keys(loc: tuple) -> List[str]:
     """The keys allowed at a path like ('model',) or ('data', 'sources', 0)."""
     tp: Any = MorayConfig
     for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(tp, "model_fields", None) or getattr(tp, "__dataclass_fields__", None)
-        if not fields or part not in fields:
-            return []
-        f = fields[part]
-        tp = getattr(f, "annotation", None) or getattr(f, "type", None)
-        tp = _unwrap(tp)
-    fields = getattr(tp, "model_fields", None) or getattr(tp, "__dataclass_fields__", None)
-    return sorted(fields) if fields else []
-
-
-def _unwrap(tp: Any) -> Any:
-    """Optional[X] / List[X] -> X, resolving string annotations of our dataclasses."""
-    import typing
-
-    if isinstance(tp, str):
-        from moray.data import config as dc
-        from moray.model import config as mc
-
-        for mod in (mc, dc):
-            if hasattr(mod, tp.split("[")[-1].rstrip("]")):
-                return getattr(mod, tp.split("[")[-1].rstrip("]"))
-        return tp
-    for arg in typing.get_args(tp):
-        if arg is not type(None):
-            return _unwrap(arg)
-    return tp
+        if not isinstance(part, int):
+            tp = _inner(_field_types(tp).get(part))
+    return sorted(_field_types(tp))
 
 
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # pydantic puts dataclass fields under the dataclass name: drop those steps.
-        loc = tuple(p for p in loc if p not in ("ModelConfig", "ParallelConfig", "DataConfig", "SourceConfig", "RopeScaling"))
+        # pydantic adds steps that are no keys: validator names ("function-...") and, for
+        # dataclass sections, the class name (keys are snake_case, class names are not).
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p[:1].isupper())))
         path = ".".join(str(p) for p in loc) or "<config>"
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             allowed = _allowed_keys(loc[:-1])

@@ -102,9 +102,10 @@ class Controller:
             archived = self.run.archive()
             if archived is not None:
                 print(f"--resume never: the previous run's files are kept in {archived}")
-            if self._store().latest_step() is not None:
+            store = self._store()
+            if store.latest_step() is not None:
                 raise ConfigError(
-                    f"--resume never, but {self._store().root} already holds checkpoints of an earlier run; "
+                    f"--resume never, but {store.root} already holds checkpoints of an earlier run; "
                     f"point train.storage somewhere new, or resume with --resume auto")
         (self.run.path / "config.yaml").write_text(self.cfg.to_yaml())
         submitted = self.run.event("submit", world_size=self.world_size, resume=resume, layout=self.cfg.parallel.to_dict())
@@ -166,9 +167,12 @@ def _short(err: BaseException) -> str:
 
 
 def run_pretraining(cfg: MorayConfig, resume: str = "auto") -> RunResult:
-    """Connect (or start an embedded cluster) and run; what jobs/pretrain.py calls."""
+    """Validate, prepare the data if needed, connect (or start an embedded cluster) and run;
+    what jobs/pretrain.py calls."""
+    from moray.data.preparation import ensure_prepared
     from moray.platform.cluster import connect
 
-    controller = Controller(cfg)  # validates the layout before touching Ray
+    controller = Controller(cfg)  # a bad layout fails here, before anything else happens
+    ensure_prepared(controller.cfg)  # idempotent: nothing is written when the shards are there
     connect(cfg.cluster.address, min_cpus=controller.world_size * cfg.cluster.cpus_per_worker)
     return controller.fit(resume)

@@ -35,13 +35,7 @@ class FailureEvents(UserCallback):
         self.run_path = run_path
 
     def after_exception(self, run_context, worker_exceptions: Dict[int, Exception]) -> None:
-        run = RunDir(*_split(self.run_path))
+        run = RunDir.at(self.run_path)
         for rank, exc in sorted(worker_exceptions.items()):
             run.event("failure", what=classify(exc), rank=rank, error=f"{type(exc).__name__}: {str(exc)[:1500]}")
 
-
-def _split(path: str):
-    from pathlib import Path
-
-    p = Path(path)
-    return str(p.parent), p.name

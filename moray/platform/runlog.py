@@ -19,6 +19,11 @@ class RunDir:
         self.path = Path(runs_dir).expanduser().resolve() / run_name
         self.path.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def at(cls, path: str) -> "RunDir":
+        p = Path(path)
+        return cls(str(p.parent), p.name)
+
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
