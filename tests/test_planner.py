@@ -255,7 +255,7 @@ def test_dense_decode_turns_compute_bound_at_large_batch():
     assert large.cost_usd_per_1k_tokens < small.cost_usd_per_1k_tokens
 
 
-# ---------------------------------------------------------------- errors that say why and what would fit
+# ---------------------------------------------------------------- a request the cluster cannot run still gets a plan
 
 
 def run_cli(*args: str, capsys) -> tuple[int, str, str]:
@@ -264,30 +264,139 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def plan_json(*args: str, capsys) -> dict:
+    code, out, err = run_cli("plan", *args, "--json", capsys=capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def gpt4_model_only(tmp_path_factory) -> str:
+    """configs/gpt4.yaml's model section and nothing else: what someone asking 'how big, how costly' writes."""
+    import yaml
+
+    f = tmp_path_factory.mktemp("plan") / "gpt4-model.yaml"
+    f.write_text(yaml.safe_dump({"model": yaml.safe_load((CONFIGS / "gpt4.yaml").read_text())["model"]}))
+    return str(f)
+
+
+def test_model_only_config_gets_every_section(gpt4_model_only, capsys):
+    code, out, err = run_cli("plan", "--config", gpt4_model_only, "--gpus", "16384", "--gpu", "h100-80gb",
+                             "--no-seed-check", capsys=capsys)
+    assert code == 0 and err == ""
+    for heading in ("\nModel\n", "\nTraining: ", "\nMemory per GPU: ", "\nLayouts on 16,384 GPUs", "\nInference: ",
+                    "\nGoodput: "):
+        assert heading in out, heading
+    assert "total parameters           1.87T" in out and "KV cache per token         61,440 bytes" in out
+    assert re.search(r"\n  days +[0-9.e-]+ ", out) and "\n  cost " in out
+    # The default layout (tp 1 x pp 1 x ep 1) cannot hold 1.87T parameters; the plan says so and trains
+    # with the fastest layout that fits, by name, in the memory and training sections alike.
+    assert re.search(r"as configured +tp1 pp1 ep1 dp16384, micro-batch 4: [\d,.]+ GiB on stage 0, does NOT fit", out)
+    assert "why not          needs " in out and "runs instead     tp1 pp64 ep8 dp256" in out
+    assert "layout                   tp1 pp64 ep8 dp256, the fastest layout that fits 16,384 x h100-80gb" in out
+    assert "the days are for it" in out
+
+    plan = plan_json("--config", gpt4_model_only, "--gpus", "16384", "--gpu", "h100-80gb", "--no-seed-check",
+                     "--price-per-gpu-hour", "2", capsys=capsys)
+    mem, t = plan["memory"], plan["training"]
+    assert mem["configured"]["runnable"] is False and "GiB usable on h100-80gb" in mem["configured"]["problem"]
+    best = plan["layouts"]["feasible"][0]
+    assert mem["chosen"]["label"] == t["layout"] == f"tp{best['tp']} pp{best['pp']} ep{best['ep']} dp{best['dp']}"
+    assert mem["layout"]["gpus"] == t["gpus"] == 16_384 and mem["bytes_per_gpu"] <= mem["usable_bytes_per_gpu"]
+    assert t["days"] == pytest.approx(t["training_flops_with_attention"] / (16_384 * 989e12 * 0.40) / 86400)
+    assert t["cost_usd"] == pytest.approx(2 * t["gpu_hours"])
+    assert plan["model"]["kv_cache_bytes_per_token"] == plan["inference"]["kv_cache_bytes_per_token"] == 61_440
+    assert "error" not in plan["goodput"] and plan["goodput"]["gpus"] == 16_384
+
+
 def test_gpus_not_divisible_by_the_layout(capsys):
-    code, _, err = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "25000", capsys=capsys)
-    assert code == 2
-    assert "not divisible by tp x pp = 120" in err and "24,960 or 25,080 GPUs" in err
+    """The configured layout runs on 24,960 of 25,000 GPUs: the plan says why, and uses those."""
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "25000", "--no-seed-check",
+                           capsys=capsys)
+    assert code == 0
+    assert "tp 8 x pp 15 x ep 16 on 25,000 GPUs: not runnable" in out
+    assert "not divisible by tp x pp = 120" in out and "24,960 GPUs keep tp 8 x pp 15 x ep 16" in out
+    assert "24,960  (--gpus); 40 of 25,000 idle" in out
+    t = plan_json("--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "25000", "--no-seed-check", capsys=capsys)["training"]
+    assert t["gpus"] == 24_960 and t["cluster_gpus"] == 25_000 and t["layout"] == "tp8 pp15 ep16 dp208"
+    assert t["days"] == pytest.approx(t["gpu_hours"] / 24_960 / 24)
+
+
+def test_layout_that_divides_nothing_falls_back_to_one_that_runs(capsys):
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--set", "parallel.tp=3",
+                           "--no-seed-check", capsys=capsys)
+    assert code == 0 and "tp 3 x pp 2 x ep 2 on 4 GPUs: not runnable" in out
+    assert "but even there: tp 3 does not divide model.n_heads" in out.replace("\n                   ", " ")
+    assert re.search(r"runs instead +tp1 pp\d ep\d dp\d", out)
+
+
+def test_cluster_too_small_for_any_layout(capsys):
+    plan = plan_json("--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "100", "--no-seed-check", capsys=capsys)
+    mem = plan["memory"]
+    assert mem["chosen"] is None and mem["layout"] is None
+    assert any("no layout of this model fits 100 x a100-40gb" in a and "fits from 1,920 GPUs" in a
+               for a in mem["alternatives"])
+    assert plan["training"]["layout"] is None and plan["training"]["days"] > 0
+    assert "no training layout fits" in plan["goodput"]["error"]
+    assert plan["inference"]["tp"] * plan["inference"]["pp"] == 128  # serving does not depend on the training cluster
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--gpus", "100", "--no-seed-check",
+                           capsys=capsys)
+    assert code == 0 and "Goodput\n=======\n  not computed     no training layout fits" in out
 
 
 def test_tp_larger_than_a_node(capsys):
-    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--set", "parallel.tp=4",
-                           "--gpus-per-node", "2", "--gpus", "8", capsys=capsys)
-    assert code == 2 and "spans nodes" in err and "tp <= 2" in err and "what would fit" in err
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--set", "parallel.tp=4",
+                           "--gpus-per-node", "2", "--gpus", "8", "--no-seed-check", capsys=capsys)
+    assert code == 0 and "spans nodes" in out and "tp <= 2" in out and "what would fit" in out
 
 
 def test_model_that_cannot_fit(capsys):
-    code, _, err = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--set", "parallel.ep=1",
-                           "--gpus", "24960", capsys=capsys)
-    assert code == 2 and "GiB usable" in err
-    assert "ep 4 (--set parallel.ep=4)" in err  # the same layout with expert parallelism fits
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "gpt4.yaml"), "--set", "parallel.ep=1",
+                           "--gpus", "24960", "--no-seed-check", capsys=capsys)
+    assert code == 0 and "GiB usable" in out
+    assert "ep 4 (--set parallel.ep=4)" in out  # the same layout with expert parallelism fits
 
 
-def test_unknown_accelerator_and_bad_flags(capsys):
-    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--gpu", "a100", capsys=capsys)
-    assert code == 2 and "a100-40gb" in err
-    code, _, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--mfu", "35", capsys=capsys)
-    assert code == 2 and "(0, 1]" in err
+def test_a_section_that_cannot_be_built_says_why_in_place(capsys):
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--serve-tp", "3", "--no-seed-check",
+                           capsys=capsys)
+    assert code == 0 and "Inference\n=========\n  not computed     serving tp 3 must divide" in out
+    plan = plan_json("--config", str(CONFIGS / "tiny.yaml"), "--serve-tp", "3", "--no-seed-check", capsys=capsys)
+    assert set(plan["inference"]) == {"error"} and "days" in plan["training"] and "goodput" in plan["goodput"]
+
+
+@pytest.mark.parametrize("args,says", [
+    (("--gpu", "a100"), "a100-40gb"),
+    (("--mfu", "35"), "(0, 1]"),
+    (("--gpus", "0"), "--gpus must be positive"),
+    (("--set", "parallel.tp=0"), "parallel.tp must be at least 1"),
+])
+def test_malformed_request_exits_2_with_one_line(args, says, capsys):
+    code, out, err = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), *args, capsys=capsys)
+    assert code == 2 and out == "" and says in err
+    assert len(err.splitlines()) == 1 and err.startswith("moray plan: error: ")
+
+
+def test_malformed_config_exits_2(tmp_path, capsys):
+    for text, says in (("model:\n  d_modl: 3\n", "model.d_modl: unknown key"), ("model: [\n", "not valid YAML")):
+        f = tmp_path / "bad.yaml"
+        f.write_text(text)
+        code, out, err = run_cli("plan", "--config", str(f), capsys=capsys)
+        assert code == 2 and out == "" and err.startswith("moray plan: error: ") and says in err
+
+
+def test_kv_cache_counts_in_the_serving_dtype():
+    def kv(**sets):
+        cfg = load_config(CONFIGS / "tiny.yaml", [f"{k.replace('__', '.')}={v}" for k, v in sets.items()])
+        plan = build_plan(resolve_request(cfg, seed_check=False, options={"simulate_trials": 0}))
+        assert plan["model"]["kv_cache_bytes_per_token"] == plan["inference"]["kv_cache_bytes_per_token"]
+        return plan["model"]["kv_cache_bytes_per_token"], plan["inference"]["weights_bytes_per_gpu"]
+
+    trained_fp32, trained_bf16 = kv(train__dtype="float32"), kv(train__dtype="bfloat16")
+    assert trained_fp32 == trained_bf16  # the training dtype does not change what the server holds
+    served_fp32, served_bf16 = kv(serve__dtype="float32"), kv(serve__dtype="bfloat16")
+    assert served_bf16 == trained_bf16  # serve.dtype defaults to bfloat16
+    assert served_bf16[0] * 2 == served_fp32[0] and served_bf16[1] * 2 == served_fp32[1]
 
 
 # ---------------------------------------------------------------- CLI, catalogue, plot

@@ -7,9 +7,13 @@
 Every input comes from a flag, else the config (`cluster.gpu`,
 `cluster.gpus_per_node`, `cluster.price_per_gpu_hour`, `cluster.peak_flops`,
 `train.*`, `parallel.*`), else a default the report names. Sections: model,
-training, memory (the configured layout), layouts (all feasible ones),
-inference, seed_check; `--json` prints them as one object, keys in snake_case
-with units in the name. Imports neither torch nor Ray.
+training, memory (the configured layout; when it cannot run on the cluster,
+why, and the best layout that can, which the days are then for), layouts (all
+feasible ones), inference, goodput, seed_check; `--json` prints them as one
+object, keys in snake_case with units in the name. A section that cannot be
+computed for this request says why in its place (`{"error": ...}`); the exit
+code is 2 only for a malformed request (bad YAML, an unknown key or
+accelerator, a count below 1). Imports neither torch nor Ray.
 """
 
 from __future__ import annotations

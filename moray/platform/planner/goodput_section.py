@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from moray.platform.goodput import FAILURES_PER_GPU_HOUR, GoodputInputs, closed_form, simulate
-from moray.platform.planner.plan import PlanRequest
+from moray.platform.planner.errors import PlanError
+from moray.platform.planner.plan import PlanRequest, needs
 
 RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results" / "recovery.json"
 HOST_COPY_GBS = 20.0  # device -> pinned host memory per GPU, PCIe gen4 x16 in practice
@@ -51,7 +52,9 @@ def measured_recovery() -> Dict[str, float]:
 
 def build(r: PlanRequest, done: Dict[str, dict]) -> dict:
     o = r.options
-    mem = done["memory"]
+    mem, t = needs(done, "memory"), needs(done, "training")
+    if mem["chosen"] is None:
+        raise PlanError("no training layout fits this cluster (see Memory), so there is no run to fail")
     ckpt_bytes = mem["weights_bytes"] + mem["optimizer_bytes"]
     sync = bool(o.get("sync_checkpoint"))
     stall = o.get("checkpoint_stall_s")
@@ -62,15 +65,14 @@ def build(r: PlanRequest, done: Dict[str, dict]) -> dict:
     recovery = o.get("recovery_s")
     if recovery is None:
         recovery = rec["detect_s"] + rec["restart_s"] + load_s
-    t = done["training"]
-    x = GoodputInputs(gpus=r.gpus, run_days=t["days"], checkpoint_stall_s=stall, recovery_s=recovery,
+    x = GoodputInputs(gpus=t["gpus"], run_days=t["days"], checkpoint_stall_s=stall, recovery_s=recovery,
                       failures_per_gpu_hour=o.get("failures_per_gpu_hour") or FAILURES_PER_GPU_HOUR,
                       interval_s=o.get("checkpoint_interval_s"))
     cf = closed_form(x)
     trials = o.get("simulate_trials", 40)
     mc = simulate(x, trials=trials) if trials else None
     return {
-        "gpus": r.gpus, "failures_per_gpu_hour": x.failures_per_gpu_hour, "mtbf_hours": cf.mtbf_hours,
+        "gpus": t["gpus"], "failures_per_gpu_hour": x.failures_per_gpu_hour, "mtbf_hours": cf.mtbf_hours,
         "checkpoint_bytes_per_gpu": ckpt_bytes, "checkpoint_save": "sync" if sync else "async",
         "checkpoint_stall_s": stall, "checkpoint_interval_s": cf.interval_s,
         "recovery_s": recovery, "recovery_detect_s": rec["detect_s"], "recovery_restart_s": rec["restart_s"],

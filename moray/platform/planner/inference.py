@@ -30,6 +30,11 @@ from moray.platform.planner.activations import kv_heads_per_rank
 from moray.platform.planner.memory import pipeline_ranks, rank_params
 
 
+# serve.dtype -> bytes per weight and per KV value: the serving engine's own dtype, whatever
+# the training ran in (a float32 CPU run still serves in bfloat16 by default).
+SERVE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
 @dataclass(frozen=True)
 class ServeSetup:
     model: ModelConfig

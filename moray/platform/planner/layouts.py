@@ -6,6 +6,8 @@ the FFN columns and the experts evenly, gives every stage a layer, and fits
 the card at some micro-batch size (the configured one or a power-of-two
 fraction) with or without activation checkpointing. Feasible layouts are
 ranked by modelled throughput (steptime.py); each rejected one keeps its reason.
+Checking the configured layout never fails: it says why that layout cannot run
+on the cluster, what would, and picks the fastest of those to plan with.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from moray.parallel.config import ParallelConfig
-from moray.platform.planner.errors import PlanError
 from moray.platform.planner.memory import MemoryEstimate, estimate_memory_per_stage
 from moray.platform.planner.steptime import StepEstimate, estimate_step
 from moray.platform.planner.units import gib
@@ -214,43 +215,80 @@ def nearest_multiples(n: int, unit: int) -> List[int]:
     return sorted({x for x in (below, above) if x > 0})
 
 
+def fewest_gpus(w: Workload, tp: int, pp: int, ep: int, most: int = 1 << 20) -> Optional[int]:
+    """The smallest cluster (up to `most` GPUs) on which tp x pp x ep runs and fits, or None."""
+    unit, dp = tp * pp, ep
+    while min(tp, pp, ep) >= 1 and unit * dp <= most:
+        if structural_problem(w, tp, pp, ep, unit * dp) is None and best_variant(w, tp, pp, ep, dp)[0]:
+            return unit * dp
+        dp = dp * 2 if dp >= 64 * ep else dp + ep
+    return None
+
+
 @dataclass(frozen=True)
 class LayoutCheck:
-    configured: Candidate  # as the config asks (micro-batch, checkpointing, no sequence parallelism)
-    fitting: Candidate  # the configured one when it fits, else its fastest variant that does
+    """The configured layout on a cluster, and the layout the plan trains with."""
+
+    search: SearchResult  # every layout of the cluster, for the alternatives and the layouts section
+    configured: Optional[Candidate]  # as the config asks (micro-batch, checkpointing); None: it does not divide
+    chosen: Optional[Candidate]  # the configured one, else its fastest fitting variant, else the fastest layout
+    # that runs here; None when nothing does. Days, cost and goodput are for it.
+    chosen_source: str
+    problem: Optional[str] = None  # why the configured layout cannot run on this cluster
+    alternatives: List[str] = field(default_factory=list)  # what would run instead
 
 
 def check_layout(w: Workload, tp: int, pp: int, ep: int, n_gpus: int) -> LayoutCheck:
-    """The configured layout on n_gpus, or a PlanError saying why it cannot run and what would fit."""
+    """The configured layout on n_gpus: its fastest fitting variant, else why it cannot run,
+    what would, and the best of those to plan with."""
+    search = search_layouts(w, n_gpus)
     problem = structural_problem(w, tp, pp, ep, n_gpus)
+    configured = None
     if problem is None:
         dp = n_gpus // (tp * pp)
         configured = evaluate(w, Layout(tp, pp, ep, dp, w.micro_batch_size, w.activation_checkpointing))
         if configured.memory.total_bytes <= w.usable_bytes:
-            return LayoutCheck(configured, configured)
+            return LayoutCheck(search, configured, configured, "as configured")
         best, leanest = best_variant(w, tp, pp, ep, dp)
         if best is not None:
-            return LayoutCheck(configured, best)
+            return LayoutCheck(search, configured, best, f"the configured layout at {best.layout.variant}, "
+                                                         "its fastest variant that fits")
         problem = memory_reason(w, leanest)
-    hints = []
-    if problem.startswith("needs "):  # memory: other expert-parallel degrees of the same layout first
-        dp = n_gpus // (tp * pp)
+    alternatives, options = [], search.feasible[:1]
+    dp = n_gpus // (tp * pp)
+    if configured is not None:  # memory: other expert-parallel degrees of the same layout first
         for other in [e for e in divisors(math.gcd(w.model.n_experts, dp)) if e != ep]:
             best = best_variant(w, tp, pp, other, dp)[0]
             if best is not None:
-                hints.append(f"ep {other} (--set parallel.ep={other}): {best.layout.label}, {best.layout.variant}, "
-                             f"{gib(best.memory.total_bytes):.1f} GiB")
+                alternatives.append(f"ep {other} (--set parallel.ep={other}): {best.layout.label}, "
+                                    f"{best.layout.variant}, {gib(best.memory.total_bytes):.1f} GiB")
                 break
     if n_gpus % (tp * pp) and tp <= w.gpus_per_node:
-        hints.append(f"{' or '.join(f'{x:,}' for x in nearest_multiples(n_gpus, tp * pp))} GPUs "
-                     f"keep tp {tp} x pp {pp}")
-    found = search_layouts(w, n_gpus).feasible[:3]
-    if found:
-        hints.append(f"on {n_gpus:,} GPUs: " + "; ".join(
+        sizes = nearest_multiples(n_gpus, tp * pp)
+        runs = [x for x in sizes if structural_problem(w, tp, pp, ep, x) is None]
+        alternatives.append(f"{' or '.join(f'{x:,}' for x in runs)} GPUs keep tp {tp} x pp {pp} x ep {ep}" if runs
+                            else f"{' or '.join(f'{x:,}' for x in sizes)} GPUs divide by tp {tp} x pp {pp}, but "
+                                 f"even there: {structural_problem(w, tp, pp, ep, sizes[-1])}")
+        if dp * tp * pp in runs:  # the configured layout on fewer GPUs, leaving the rest idle
+            fewer = best_variant(w, tp, pp, ep, dp)[0]
+            if fewer is not None:
+                options.append(fewer)
+    if search.feasible:
+        alternatives.append(f"on {n_gpus:,} GPUs: " + "; ".join(
             f"{c.layout.label} ({c.layout.variant}, {gib(c.memory.total_bytes):.1f} GiB)"
-            for c in found))
+            for c in search.feasible[:3]))
+    elif not options:
+        fewest = fewest_gpus(w, tp, pp, ep)
+        alternatives.append(f"no layout of this model fits {n_gpus:,} x {w.accelerator.name}; "
+                            + (f"tp {tp} x pp {pp} x ep {ep} fits from {fewest:,} GPUs" if fewest else
+                               "use more GPUs or a card with more memory"))
+    chosen = max(options, key=lambda c: c.step.tokens_per_s, default=None)
+    if chosen is None:
+        source = f"no layout fits {n_gpus:,} x {w.accelerator.name}"
+    elif chosen.layout.gpus < n_gpus:
+        source = (f"the configured layout on {chosen.layout.gpus:,} of the {n_gpus:,} GPUs "
+                  f"({n_gpus - chosen.layout.gpus:,} idle), the fastest that fits")
     else:
-        hints.append(f"no layout of this model fits {n_gpus:,} x {w.accelerator.name}; "
-                     "use more GPUs or a card with more memory")
-    raise PlanError(f"layout tp {tp} x pp {pp} x ep {ep} on {n_gpus:,} GPUs: {problem}.\n"
-                    f"  what would fit: " + "\n  what would fit: ".join(hints))
+        source = (f"the fastest layout that fits {n_gpus:,} x {w.accelerator.name}, as the configured one "
+                  "cannot run here")
+    return LayoutCheck(search, configured, chosen, source, problem, alternatives)

@@ -1,11 +1,19 @@
 """A plan: the request, resolved once, and the sections built from it in order.
 
-Each section is a `Section(name, build, render)`: `build(request, done)` gets
-the sections built before it (`done["training"]["days"]`, ...) and returns a
-JSON-ready dict whose keys are snake_case with their unit in the name;
+Each section is a `Section(name, title, build, render)`: `build(request, done)`
+gets the sections built before it (`done["training"]["days"]`, ...) and returns
+a JSON-ready dict whose keys are snake_case with their unit in the name;
 `render(section)` returns the human report's lines. Adding a section (issue 6's
-`goodput`) is one `Section` in `SECTIONS`; its own flags go in `add_arguments`
+`goodput`) is one `Section` in `sections()`; its own flags go in `add_arguments`
 and reach `build` as `request.options`.
+
+A section that cannot be answered for this request raises PlanError; the plan
+keeps `{"error": why}` in its place and goes on, so one impossible part (a
+layout that does not fit, a serving layout that does not divide the heads)
+never hides the others. Only a malformed request fails as a whole, in
+`resolve_request`. The request carries the training layout, decided once
+(`layouts.check_layout`): the configured one when it runs on the cluster, else
+the best that does; days, cost, memory and goodput are all for it.
 """
 
 from __future__ import annotations
@@ -16,11 +24,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from moray.platform.planner.catalogue import Accelerator, get_accelerator, load_catalogue
 from moray.platform.planner.errors import PlanError
-from moray.platform.planner.layouts import best_variant, structural_problem
+from moray.platform.planner.layouts import LayoutCheck, check_layout, fewest_gpus
 from moray.platform.planner.workload import DEFAULT_USABLE_FRACTION, Workload
 
 DEFAULT_MFU = 0.40  # between the seed's 32-36% and Megatron-Core's ~47% for Mixtral on H100
-MAX_DEFAULT_GPUS = 1 << 20
 
 
 @dataclass
@@ -44,6 +51,7 @@ class PlanRequest:
     context: Optional[int] = None
     seed_check: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
+    layout: Optional[LayoutCheck] = None  # the training layout, resolved with the cluster
 
     @property
     def model(self):
@@ -64,6 +72,7 @@ class PlanRequest:
 @dataclass(frozen=True)
 class Section:
     name: str
+    title: str  # the heading when the section could not be built
     build: Callable[[PlanRequest, Dict[str, dict]], dict]
     render: Callable[[dict], List[str]]
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
@@ -76,13 +85,13 @@ def sections() -> List[Section]:
     from moray.platform.planner import sections as s
 
     return [
-        Section("model", s.model_section, report.render_model),
-        Section("training", s.training_section, report.render_training),
-        Section("memory", s.memory_section, report.render_memory),
-        Section("layouts", s.layouts_section, report.render_layouts),
-        Section("inference", s.inference_section, report.render_inference),
-        Section("goodput", goodput.build, goodput.render, goodput.add_arguments),
-        Section("seed_check", seed_check.seed_check_section, report.render_seed_check),
+        Section("model", "Model", s.model_section, report.render_model),
+        Section("training", "Training", s.training_section, report.render_training),
+        Section("memory", "Memory per GPU", s.memory_section, report.render_memory),
+        Section("layouts", "Layouts", s.layouts_section, report.render_layouts),
+        Section("inference", "Inference", s.inference_section, report.render_inference),
+        Section("goodput", "Goodput", goodput.build, goodput.render, goodput.add_arguments),
+        Section("seed_check", "The seed, checked", seed_check.seed_check_section, report.render_seed_check),
     ]
 
 
@@ -91,8 +100,18 @@ def build_plan(request: PlanRequest) -> Dict[str, dict]:
     for section in sections():
         if section.name == "seed_check" and not request.seed_check:
             continue
-        done[section.name] = section.build(request, done)
+        try:
+            done[section.name] = section.build(request, done)
+        except PlanError as err:
+            done[section.name] = {"error": str(err)}
     return done
+
+
+def needs(done: Dict[str, dict], name: str) -> dict:
+    """An earlier section, for one built from it: its failure becomes this one's reason."""
+    if "error" in done[name]:
+        raise PlanError(f"needs the {name} section, which could not be built: {done[name]['error']}")
+    return done[name]
 
 
 def inputs_section(r: PlanRequest) -> dict:
@@ -128,6 +147,11 @@ def resolve_request(config: Any, *, gpu: Optional[str] = None, gpus: Optional[in
                         ("context", context), ("serve-tp", serve_tp), ("serve-pp", serve_pp)):
         if value is not None and value <= 0:
             raise PlanError(f"--{name} must be positive (got {value})")
+    p = config.parallel
+    for name, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep), ("parallel.dp", p.dp),
+                        ("parallel.microbatches", p.microbatches), ("cluster.num_workers", cluster.num_workers)):
+        if value is not None and value < 1:
+            raise PlanError(f"{name} must be at least 1 (got {value})")
     if mfu is not None and not 0 < mfu <= 1:
         raise PlanError(f"--mfu is a fraction of peak, in (0, 1] (got {mfu}); e.g. --mfu 0.35")
     if not 0 < usable_fraction <= 1:
@@ -143,6 +167,7 @@ def resolve_request(config: Any, *, gpu: Optional[str] = None, gpus: Optional[in
         serve_tp=serve_tp, serve_pp=serve_pp, context=context, seed_check=seed_check, options=dict(options or {}),
     )
     request.gpus, request.gpus_source = _resolve_gpus(request, gpus)
+    request.layout = check_layout(request.workload(), p.tp, p.pp, p.ep, request.gpus)
     request.tokens, request.tokens_source = _resolve_tokens(request, tokens)
     return request
 
@@ -157,13 +182,10 @@ def _resolve_gpus(r: PlanRequest, gpus: Optional[int]) -> tuple[int, str]:
     if p.dp is not None:
         return p.tp * p.pp * p.dp, "parallel tp x pp x dp"
     # Nothing pins the cluster: the smallest one on which the configured layout fits.
-    w, unit = r.workload(), p.tp * p.pp
-    dp = p.ep
-    while unit * dp <= MAX_DEFAULT_GPUS:
-        if structural_problem(w, p.tp, p.pp, p.ep, unit * dp) is None and best_variant(w, p.tp, p.pp, p.ep, dp)[0]:
-            return unit * dp, f"the fewest GPUs on which tp {p.tp} x pp {p.pp} x ep {p.ep} fits; pass --gpus"
-        dp = dp * 2 if dp >= 64 * p.ep else dp + p.ep
-    return unit * p.ep, "parallel tp x pp x ep: no cluster size fits it; pass --gpus"
+    fewest = fewest_gpus(r.workload(), p.tp, p.pp, p.ep)
+    if fewest is not None:
+        return fewest, f"the fewest GPUs on which tp {p.tp} x pp {p.pp} x ep {p.ep} fits; pass --gpus"
+    return p.tp * p.pp * p.ep, "parallel tp x pp x ep: no cluster size fits it; pass --gpus"
 
 
 def _resolve_tokens(r: PlanRequest, tokens: Optional[float]) -> tuple[float, str]:
@@ -172,7 +194,8 @@ def _resolve_tokens(r: PlanRequest, tokens: Optional[float]) -> tuple[float, str
     from moray.platform.schedule import batch_sequences_at
 
     t, p = r.config.train, r.config.parallel
-    dp = max(1, r.gpus // (p.tp * p.pp))
+    chosen = r.layout.chosen
+    dp = chosen.layout.dp if chosen is not None else max(1, r.gpus // (p.tp * p.pp))  # the layout that trains
     unit = dp * t.micro_batch_size * p.num_microbatches  # as the trainer rounds a step's sequences
     seen, step = 0, 0
     while step < t.max_steps and seen < t.batch_ramp_tokens:  # the ramp, step by step

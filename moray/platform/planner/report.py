@@ -43,15 +43,20 @@ def render_model(m: dict) -> List[str]:
                                     f"= {si(m['forward_matmul_flops_per_token'], 'FLOP')} (2 x active) + "
                                     f"{si(m['forward_attention_flops_per_token'], 'FLOP')} attention scores"),
         ("  a dense model this size", si(m["dense_equivalent_forward_flops_per_token"], "FLOP")),
-        ("KV cache per token", f"{m['kv_cache_bytes_per_token']:,} bytes ({m['kv_cache_dtype_bytes']}-byte values)"),
+        ("KV cache per token", f"{m['kv_cache_bytes_per_token']:,} bytes ({m['kv_cache_dtype']} values, serve.dtype)"),
     ])
 
 
 def render_training(t: dict) -> List[str]:
     lines = heading(f"Training: {count(t['tokens'])} tokens on {t['gpus']:,} x {t['accelerator']} at "
                     f"{pct(t['mfu'])} MFU")
+    idle = t["cluster_gpus"] - t["gpus"]
+    layout = (f"{t['layout']} (as configured)" if t["layout_as_configured"] else
+              f"{t['layout']}, {t['layout_source']}; the days are for it (see Memory)" if t["layout"] else
+              f"{t['layout_source']}: the days count all {t['cluster_gpus']:,} as if one did (see Memory)")
     items = [
-        ("GPUs", f"{t['gpus']:,}  ({t['gpus_source']})"),
+        ("GPUs", f"{t['gpus']:,}  ({t['gpus_source']})" + (f"; {idle:,} of {t['cluster_gpus']:,} idle" if idle else "")),
+        ("layout", layout),
         ("tokens", f"{count(t['tokens'])}  ({t['tokens_source']})"),
         ("training FLOPs (6ND)", sci(t["training_flops"])),
         ("  with attention scores", f"{sci(t['training_flops_with_attention'])}  "
@@ -79,20 +84,42 @@ def _variant(lay: dict) -> str:
     return ", ".join([f"micro-batch {lay['micro_batch_size']}"] + extras)
 
 
+def _line(label: str, text: str, wrap: bool = True) -> List[str]:
+    """A pairs() line with a 15-character label; a long explanation wraps under itself."""
+    first = f"  {label.ljust(15)}  "
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * len(first)) if wrap else [first + text]
+
+
 def render_memory(m: dict) -> List[str]:
-    lay, conf = m["layout"], m["configured"]
+    lay, conf, chosen = m["layout"], m["configured"], m["chosen"]
+    shape = f"tp {conf['tp']} x pp {conf['pp']} x ep {conf['ep']}"
     usable = f"{gib(m['usable_bytes_per_gpu']):.1f} GiB usable of a {gib(m['memory_bytes_per_gpu']):.0f} GiB card"
-    lines = heading(f"Memory per GPU: tp {lay['tp']} x pp {lay['pp']} x ep {lay['ep']} x dp {lay['dp']} "
-                    f"({lay['gpus']:,} GPUs), {m['dtype']}, {m['bytes_per_param']} bytes per parameter before "
-                    f"ZeRO-{lay['zero']}")
-    status = "fits" if conf["fits"] else "does NOT fit"
-    items = [("as configured", f"{_variant(conf)}: {gib(conf['bytes_per_gpu']):,.2f} GiB on stage {conf['stage']}, "
-                               f"{status} ({usable})")]
-    if not m["fits_as_configured"]:
-        items.append(("fits with", f"{_variant(lay)}: {gib(m['bytes_per_gpu']):.2f} GiB (shown below)"))
-    items.append(("pipeline bubble", f"{pct(m['pipeline_bubble'])} = (p-1)/(m+p-1), {lay['microbatches']} "
-                                     f"microbatches, {lay['schedule']}"))
-    lines += pairs(items)
+    title = (f"Memory per GPU: tp {lay['tp']} x pp {lay['pp']} x ep {lay['ep']} x dp {lay['dp']} ({lay['gpus']:,} "
+             f"GPUs), {m['dtype']}, {m['bytes_per_param']} bytes per parameter before ZeRO-{lay['zero']}" if lay else
+             f"Memory per GPU: {shape} on {conf['gpus']:,} GPUs, {m['dtype']}: no layout fits")
+    if conf["dp"] is None:
+        as_configured = f"{shape} on {conf['gpus']:,} GPUs: not runnable"
+    else:
+        status = "fits" if conf["fits"] else "does NOT fit"
+        as_configured = ("" if conf["runnable"] else f"{conf['label']}, ") + (
+            f"{_variant(conf)}: {gib(conf['bytes_per_gpu']):,.2f} GiB on stage {conf['stage']}, {status} ({usable})")
+    lines = heading(title) + _line("as configured", as_configured, wrap=not conf["runnable"])
+    if conf["problem"]:
+        lines += _line("why not", conf["problem"])
+    if chosen is None:
+        lines += _line("runs instead", "nothing on this cluster; the training days assume it would")
+    elif conf["runnable"] and not m["fits_as_configured"]:
+        lines += _line("fits with", f"{_variant(chosen)}: {gib(chosen['bytes_per_gpu']):.2f} GiB (shown below)",
+                       wrap=False)
+    elif not conf["runnable"]:
+        lines += _line("runs instead", f"{chosen['label']}, {_variant(chosen)}: {gib(chosen['bytes_per_gpu']):.2f} "
+                                       f"GiB, {m['chosen_source']}; the training days are for it (shown below)")
+    for alternative in m["alternatives"]:
+        lines += _line("what would fit", alternative)
+    if lay is None:
+        return lines
+    lines += _line("pipeline bubble", f"{pct(m['pipeline_bubble'])} = (p-1)/(m+p-1), {lay['microbatches']} "
+                                      f"microbatches, {lay['schedule']}", wrap=False)
     rows = [[str(s["stage"]), str(s["layers"]), count(s["params"]), f"{gib(s['weights_bytes']):.2f}",
              f"{gib(s['grads_bytes']):.2f}", f"{gib(s['optimizer_bytes']):.2f}", f"{gib(s['activations_bytes']):.2f}",
              f"{gib(s['total_bytes']):.2f}"] for s in m["stages"]]
@@ -135,7 +162,7 @@ def render_layouts(s: dict, top: int = 8) -> List[str]:
 
 
 def render_inference(s: dict) -> List[str]:
-    lines = heading(f"Inference: tp {s['tp']} x pp {s['pp']} = {s['gpus']} x {s['accelerator']}, "
+    lines = heading(f"Inference: tp {s['tp']} x pp {s['pp']} = {s['gpus']} x {s['accelerator']}, {s['dtype']}, "
                     f"context {s['context_tokens']:,} tokens")
     layers = sorted(set(s["layers_per_stage"]))
     lines += pairs([
@@ -185,6 +212,9 @@ def render_plan(plan: Dict[str, dict], title: str) -> str:
 
     lines = [title]
     for section in sections():
-        if section.name in plan:
-            lines += section.render(plan[section.name])
+        if section.name not in plan:
+            continue
+        built = plan[section.name]
+        lines += (heading(section.title) + _line("not computed", built["error"]) if "error" in built
+                  else section.render(built))
     return "\n".join(lines) + "\n"

@@ -12,8 +12,9 @@ from moray.model.params import count_params, expert_params
 from moray.parallel.config import ParallelConfig
 from moray.platform.planner.flops import (attention_flops_per_token, flops_per_token, pipeline_bubble,
                                           training_flops, training_flops_with_attention)
-from moray.platform.planner.inference import ServePlan, ServeSetup, default_serving_layout, kv_cache_bytes_per_token
-from moray.platform.planner.layouts import check_layout, search_layouts
+from moray.platform.planner.inference import (SERVE_DTYPE_BYTES, ServePlan, ServeSetup, default_serving_layout,
+                                              kv_cache_bytes_per_token)
+from moray.platform.planner.layouts import Candidate
 from moray.platform.planner.memory import PRECISIONS, estimate_memory_per_stage, pipeline_ranks, rank_params
 from moray.platform.planner.plan import PlanRequest
 
@@ -21,8 +22,8 @@ MAX_STAGES_LISTED = 16
 
 
 def serving_bytes(r: PlanRequest) -> int:
-    """Weights and KV cache are served in the training dtype's activation width (bf16: 2)."""
-    return PRECISIONS[r.config.train.dtype].activation
+    """Bytes per served weight and KV value: serve.dtype, not the training dtype."""
+    return SERVE_DTYPE_BYTES[r.config.serve.dtype]
 
 
 def model_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
@@ -47,13 +48,18 @@ def model_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "forward_attention_flops_per_token": attention,
         "dense_equivalent_forward_flops_per_token": 2.0 * pc.total,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, serving_bytes(r)),
+        "kv_cache_dtype": r.config.serve.dtype,
         "kv_cache_dtype_bytes": serving_bytes(r),
     }
 
 
 def training_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
+    """Days and cost at the assumed MFU on the GPUs the training layout uses (all of the
+    cluster when no layout fits: the memory section says so)."""
     cfg, t = r.model, r.config.train
     peak = r.accelerator.peak_flops
+    chosen = r.layout.chosen
+    gpus = chosen.layout.gpus if chosen is not None else r.gpus
     with_attention = training_flops_with_attention(cfg, r.tokens, t.seq_len)
     papers = training_flops(cfg, r.tokens)
     gpu_hours = with_attention / (peak * r.mfu) / 3600
@@ -64,18 +70,21 @@ def training_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "training_flops": papers,
         "training_flops_with_attention": with_attention,
         "attention_share": 1 - papers / with_attention,
-        "gpus": r.gpus, "gpus_source": r.gpus_source, "accelerator": r.accelerator.name, "peak_flops_per_gpu": peak,
-        "cluster_peak_flops": r.gpus * peak,
+        "gpus": gpus, "cluster_gpus": r.gpus, "gpus_source": r.gpus_source,
+        "layout": chosen.layout.label if chosen is not None else None, "layout_source": r.layout.chosen_source,
+        "layout_as_configured": r.layout.problem is None,
+        "accelerator": r.accelerator.name, "peak_flops_per_gpu": peak,
+        "cluster_peak_flops": gpus * peak,
         "mfu": r.mfu, "mfu_source": r.mfu_source,
-        "gpu_hours": gpu_hours, "days": gpu_hours / r.gpus / 24,
+        "gpu_hours": gpu_hours, "days": gpu_hours / gpus / 24,
         "cost_usd": gpu_hours * price if price is not None else None,
-        "gpu_hours_6nd": gpu_hours_6nd, "days_6nd": gpu_hours_6nd / r.gpus / 24,
+        "gpu_hours_6nd": gpu_hours_6nd, "days_6nd": gpu_hours_6nd / gpus / 24,
         "cost_usd_6nd": gpu_hours_6nd * price if price is not None else None,
         "price_usd_per_gpu_hour": price,
         "implied_mfu": None, "implied_mfu_6nd": None, "given_days": r.days,
     }
     if r.days is not None:
-        seconds = r.days * 86400 * r.gpus * peak
+        seconds = r.days * 86400 * gpus * peak
         out["implied_mfu"], out["implied_mfu_6nd"] = with_attention / seconds, papers / seconds
     if t.batch_tokens is not None:
         out["batch_tokens"] = t.batch_tokens
@@ -84,18 +93,42 @@ def training_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     return out
 
 
+def _layout_dict(c: Candidate) -> dict:
+    return {**c.layout.to_dict(), "label": c.layout.label, "microbatches": c.step.microbatches,
+            **c.memory.to_dict(), "bytes_per_gpu": c.memory.total_bytes}
+
+
 def memory_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
-    """The configured layout on the cluster; in detail, itself if it fits, else its fastest variant that does."""
-    w, p = r.workload(), r.config.parallel
-    check = check_layout(w, p.tp, p.pp, p.ep, r.gpus)  # PlanError: why not, and what would fit
-    conf, shown = check.configured, check.fitting
-    lay = shown.layout
-    m = shown.step.microbatches
+    """The configured layout on the cluster: whether it runs and why not; the layout the plan
+    trains with (the configured one, else the best that runs here) in detail, else the configured
+    one, so a layout that fits nowhere still shows where its memory goes."""
+    w, p, check = r.workload(), r.config.parallel, r.layout
+    conf, chosen = check.configured, check.chosen
+    as_configured = conf is not None and chosen is conf
+    prec = PRECISIONS[w.dtype]
+    out = {
+        "configured": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": None, "gpus": r.gpus,
+                       "runnable": check.problem is None, "problem": check.problem, "fits": as_configured,
+                       **(_layout_dict(conf) if conf is not None else {})},
+        "fits_as_configured": as_configured,
+        "chosen": _layout_dict(chosen) if chosen is not None else None,
+        "chosen_source": check.chosen_source,
+        "alternatives": check.alternatives,
+        "dtype": w.dtype,
+        "bytes_per_param": prec.weight + prec.grad + prec.master + prec.adam,
+        "memory_bytes_per_gpu": r.accelerator.memory_bytes,
+        "usable_bytes_per_gpu": w.usable_bytes,
+        "layout": None,
+    }
+    shown = chosen or conf
+    if shown is None:
+        return out
+    lay, m = shown.layout, shown.step.microbatches
     par = ParallelConfig(tp=lay.tp, pp=lay.pp, ep=lay.ep, dp=lay.dp, microbatches=m, schedule=p.schedule,
                          virtual_stages=p.virtual_stages, zero=p.zero,
                          activation_checkpointing=lay.activation_checkpointing)
     args = (r.model, par, lay.micro_batch_size, w.seq_len, w.dtype)
-    stages = list(range(p.pp)) if p.pp <= MAX_STAGES_LISTED else sorted({0, 1, p.pp - 1})
+    stages = list(range(lay.pp)) if lay.pp <= MAX_STAGES_LISTED else sorted({0, 1, lay.pp - 1})
     per_stage = estimate_memory_per_stage(*args, sequence_parallel=lay.sequence_parallel, stages=stages)
     variants = []
     for zero in (0, 1):
@@ -105,32 +138,24 @@ def memory_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
             variants.append({"zero": zero, "activation_checkpointing": ac, "bytes_per_gpu": est.total_bytes,
                              "optimizer_bytes": est.optimizer_bytes, "activations_bytes": est.activations_bytes,
                              "fits": est.total_bytes <= w.usable_bytes})
-    prec = PRECISIONS[w.dtype]
     v = p.virtual_stages if p.schedule == "interleaved_1f1b" else 1
     worst = shown.memory
     return {
-        "configured": {**conf.layout.to_dict(), "microbatches": conf.step.microbatches,
-                       **conf.memory.to_dict(), "bytes_per_gpu": conf.memory.total_bytes,
-                       "fits": conf.memory.total_bytes <= w.usable_bytes},
-        "fits_as_configured": shown is conf,
+        **out,
         "layout": {**lay.to_dict(), "microbatches": m, "schedule": p.schedule, "zero": p.zero},
-        "dtype": w.dtype,
-        "bytes_per_param": prec.weight + prec.grad + prec.master + prec.adam,
-        "memory_bytes_per_gpu": r.accelerator.memory_bytes,
-        "usable_bytes_per_gpu": w.usable_bytes,
         "stage": worst.stage,
         "bytes_per_gpu": worst.total_bytes,
         "weights_bytes": worst.weights_bytes, "grads_bytes": worst.grads_bytes,
         "optimizer_bytes": worst.optimizer_bytes, "activations_bytes": worst.activations_bytes,
         "zero_and_checkpointing": variants,
         "stages": [e.to_dict() for e in per_stage],
-        "pipeline_bubble": pipeline_bubble(p.pp, m, v),
+        "pipeline_bubble": pipeline_bubble(lay.pp, m, v),
         "step": shown.step.to_dict(),
     }
 
 
 def layouts_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
-    result = search_layouts(r.workload(), r.gpus)
+    result = r.layout.search
     kinds: Dict[str, int] = {}
     for rej in result.rejected:
         kinds[rej.kind] = kinds.get(rej.kind, 0) + 1
@@ -164,7 +189,7 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     peak_rate = acc.peak_flops * acc.matmul_efficiency * tp * pp
     return {
         "accelerator": acc.name, "tp": tp, "pp": pp, "gpus": tp * pp, "layout_source": source,
-        "context_tokens": context, "dtype_bytes": nbytes,
+        "context_tokens": context, "dtype": r.config.serve.dtype, "dtype_bytes": nbytes,
         "layers_per_stage": [rk.layers for rk in ranks],
         "params_per_stage": params_per_stage,
         "params_per_gpu": plan.params_per_gpu,
