@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pyarrow._fs as pa_private_fs
 import pyarrow.fs as pafs
 import pytest
@@ -21,6 +23,8 @@ from moray.platform.checkpoint import (
     CheckpointError,
     CheckpointStore,
     NoCheckpointError,
+    rng_state_json,
+    set_rng_state_json,
     verify_checkpoint,
 )
 
@@ -57,7 +61,7 @@ def save_steps(store: CheckpointStore, steps, seed_of=lambda s: s) -> None:
 @pytest.mark.parametrize("async_save", [True, False])
 def test_round_trip_restores_tensors_and_extra_state(tmp_path, async_save):
     store = CheckpointStore(str(tmp_path / "ckpt"), async_save=async_save, layout={"dp": 1})
-    rng = torch.get_rng_state()
+    rng = rng_state_json()
     handle = store.save(100, reference_state(), extra={"step": 100, "sampler": {"pos": [3, 4]}},
                         rank_extra={"rng": rng})
     info = store.wait() if async_save else handle.commit
@@ -66,14 +70,14 @@ def test_round_trip_restores_tensors_and_extra_state(tmp_path, async_save):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000100"
     manifest = json.loads((tmp_path / "ckpt" / "step_0000100" / "manifest.json").read_text())
     assert manifest["step"] == 100 and manifest["layout"] == {"dp": 1}
-    assert {".metadata", "extra.json", "rank_extra.00000.pkl"} <= manifest["files"].keys()
+    assert {".metadata", "extra.json", "rank_extra.00000.json"} <= manifest["files"].keys()
     assert verify_checkpoint(info.path) == []
 
     template = zeros_like(reference_state())
     res = CheckpointStore(str(tmp_path / "ckpt")).load(template)
     assert_state_equal(template, reference_state())
     assert (res.step, res.extra, res.skipped) == (100, {"step": 100, "sampler": {"pos": [3, 4]}}, [])
-    assert torch.equal(res.rank_extra["rng"], rng)
+    assert res.rank_extra == {"rng": rng} and res.warnings == []
 
 
 def test_async_save_snapshots_state_at_save_time(tmp_path):
@@ -251,6 +255,102 @@ def test_errors_say_what_is_wrong(tmp_path):
         store.save(2, reference_state(), extra={"bad": object()})
     with pytest.raises(ValueError, match="keep"):
         CheckpointStore(str(tmp_path), keep=0)
+
+
+# --- loading runs no code from the checkpoint ------------------------------------------
+
+
+class _Trap:
+    """Unpickling it creates `path`: proof that loading ran code from the checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _replace_file(ckpt, name: str, data: bytes, drop: str = None) -> None:
+    """Put `data` at ckpt/name and re-sign the manifest, as a crafted checkpoint would."""
+    import hashlib
+
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": 0}
+    manifest["files"].pop(drop, None)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_rank_extra_must_be_json_and_the_error_says_where(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"rank_extra\['rng'\]\['torch'\] is a torch.Tensor.*tolist"):
+        store.save(1, reference_state(), rank_extra={"rng": {"torch": torch.get_rng_state()}})
+    with pytest.raises(CheckpointError, match=r"rank_extra\['keys'\]\[1\] is a numpy.ndarray"):
+        store.save(1, reference_state(), rank_extra={"keys": [0, np.zeros(3)]})
+    with pytest.raises(CheckpointError, match=r"rank_extra key 3 is a int \(JSON keys are strings\)"):
+        store.save(1, reference_state(), rank_extra={3: "x"})
+    assert store.latest_step() is None and store.list_checkpoints() == []
+
+
+def test_legacy_pickled_rank_extra_is_never_unpickled(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    store.save(1, reference_state(1), extra={"step": 1}, rank_extra={"n": 1})
+    store.wait()
+    trap = tmp_path / "ran_code_from_the_checkpoint"
+    import pickle
+
+    _replace_file(tmp_path / "step_0000001", "rank_extra.00000.pkl", pickle.dumps({"rng": _Trap(trap)}),
+                  drop="rank_extra.00000.json")
+    assert verify_checkpoint(str(tmp_path / "step_0000001")) == []  # a well-formed old checkpoint
+    template = zeros_like(reference_state())
+    res = store.load(template)
+    assert not trap.exists()
+    assert res.step == 1 and res.extra == {"step": 1} and res.rank_extra is None
+    assert_state_equal(template, reference_state(1))
+    [warning] = res.warnings
+    assert "rank_extra.00000.pkl" in warning and "older moray" in warning and "ignored" in warning
+
+
+def test_dcp_metadata_with_code_in_it_is_refused(tmp_path):
+    import pickle
+
+    store = CheckpointStore(str(tmp_path))
+    save_steps(store, [1])
+    trap = tmp_path / "ran_code_from_the_checkpoint"
+    _replace_file(tmp_path / "step_0000001", ".metadata", pickle.dumps(_Trap(trap)))
+    with pytest.raises(CheckpointError, match="not part of DCP's metadata"):
+        store.load(zeros_like(reference_state()), 1)
+    assert not trap.exists()
+
+
+def test_pickled_values_in_shards_are_read_weights_only(tmp_path):
+    trap = tmp_path / "ran_code_from_the_checkpoint"
+    store = CheckpointStore(str(tmp_path / "plain"), async_save=False)
+    store.save(1, {"w": torch.ones(3), "n": 5, "names": ["a", "b"]})  # DCP pickles non-tensors
+    template = {"w": torch.zeros(3), "n": 0, "names": []}
+    store.load(template)
+    assert torch.equal(template["w"], torch.ones(3)) and template["n"] == 5 and template["names"] == ["a", "b"]
+
+    store = CheckpointStore(str(tmp_path / "trap"), async_save=False)
+    store.save(1, {"w": torch.ones(3), "obj": _Trap(trap)})
+    with pytest.raises(CheckpointError, match="Weights only load failed"):
+        store.load({"w": torch.zeros(3), "obj": None})
+    assert not trap.exists()
+
+
+def test_rng_state_round_trips_through_json_exactly():
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal(), random.gauss(0, 1)  # leave a cached gaussian in each
+
+    def draws():
+        return (torch.rand(4).tolist(), torch.randn(2).tolist(), np.random.rand(3).tolist(),
+                np.random.standard_normal(3).tolist(), random.random(), random.gauss(0, 1))
+
+    saved = json.loads(json.dumps(rng_state_json()))
+    want = draws()
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state_json(saved)
+    assert draws() == want
 
 
 def _two_rank_worker(rank: int, root: str, init_file: str) -> None:

@@ -11,6 +11,10 @@ read and no local staging copy.
 
 Object stores cannot rename a directory: `Location.can_rename` says whether
 the store can, and the store picks its commit protocol from it.
+
+Reading runs no code from the checkpoint: DCP's `.metadata` is a pickle, so
+`dcp_reader` unpickles it with only the classes DCP metadata is made of, and
+the non-tensor values DCP pickles go through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import posixpath
 import uuid
 from contextlib import contextmanager
@@ -26,12 +31,14 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pyarrow.fs as pafs
+import torch
 from torch.distributed.checkpoint.filesystem import (
     FileSystem as _DcpLocalFS,
     FileSystemBase,
     FileSystemReader,
     FileSystemWriter,
 )
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 _CHUNK = 8 << 20  # read size when hashing a file back
 
@@ -286,9 +293,70 @@ def dcp_writer(loc: Location, record: FileRecord) -> FileSystemWriter:
 
 
 def dcp_reader(loc: Location) -> FileSystemReader:
-    if loc.is_local:
-        return FileSystemReader(loc.path)
-    reader = FileSystemReader(loc.path)
-    reader.fs = _ArrowFS(loc.fs)
-    reader.path = reader.fs.init_path(loc.path)
+    """A DCP StorageReader over `loc` that runs no code from what it reads."""
+    reader = _SafeReader(loc.path)
+    if not loc.is_local:
+        reader.fs = _ArrowFS(loc.fs)
+        reader.path = reader.fs.init_path(loc.path)
     return reader
+
+
+# --- reading without running code from the checkpoint ----------------------------------
+
+_METADATA_CLASSES = {  # what DCP's `.metadata` pickle is made of
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a lookup of torch.strided & co by name
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # checkpoint_id
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(
+                f"checkpoint metadata refers to {module}.{name}, which is not part of DCP's metadata: "
+                "refusing to load it, since unpickling it could run code from the checkpoint")
+        return super().find_class(module, name)
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's reader, with `.metadata` unpickled by `_MetadataUnpickler`, and the planner handed
+    pickled non-tensor values only after `torch.load(weights_only=True)` has read them."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")  # DCP's names: `.metadata`, or `__<rank>.metadata` per rank
+        path = self.fs.concat_path(self.path, ".metadata" if rank is None else f"__{rank}.metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan, planner):
+        return super().read_data(plan, _WeightsOnlyBytes(planner))
+
+
+class _WeightsOnlyBytes:
+    """A load planner's stand-in: DCP's default planner reads byte items with
+    torch.load(weights_only=False); this reads them with weights_only=True (tensors and plain
+    data only) and hands the planner that result, re-serialised, instead."""
+
+    def __init__(self, planner):
+        self._planner = planner
+
+    def __getattr__(self, name):
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        safe = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), safe)
+        safe.seek(0)
+        self._planner.load_bytes(read_item, safe)

@@ -20,7 +20,9 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from moray.platform.checkpoint.records import CheckpointError, NoCheckpointError
+from moray.platform.checkpoint.records import CheckpointError, LeaseHeldError, NoCheckpointError
+
+_KINDS = (CheckpointError, NoCheckpointError, LeaseHeldError)  # sent between ranks by index
 
 
 class StoreGroup:
@@ -67,16 +69,21 @@ class StoreGroup:
 
     def agree(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on every rank; return rank 0's result everywhere. If it raised on any
-        rank, raise on every rank (a NoCheckpointError stays one)."""
+        rank, raise on every rank: the CheckpointError subclass it raised (NoCheckpointError,
+        LeaseHeldError) if every failing rank raised the same one, else CheckpointError."""
         try:
             outcome, error = fn(), None
         except Exception as e:
-            text = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
-            outcome, error = None, (isinstance(e, NoCheckpointError), text)
+            if isinstance(e, CheckpointError):
+                error = (_KINDS.index(type(e)) if type(e) in _KINDS else 0, str(e))
+            else:
+                error = (0, f"{type(e).__name__}: {e}")
+            outcome = None
         outcome, errors = self.broadcast(outcome), self.all_gather(error)
         bad = [(r, e) for r, e in enumerate(errors) if e]
         if bad:
-            cls = NoCheckpointError if all(none for _, (none, _) in bad) else CheckpointError
+            kinds = {kind for _, (kind, _) in bad}
+            cls = _KINDS[kinds.pop()] if len(kinds) == 1 else CheckpointError
             raise cls("; ".join(text if self.world_size == 1 else f"rank {r}: {text}"
                                 for r, (_, text) in bad))
         return outcome

@@ -14,6 +14,10 @@ class NoCheckpointError(CheckpointError):
     """Nothing was ever committed under this root (no `latest` pointer)."""
 
 
+class LeaseHeldError(CheckpointError):
+    """Another run holds the lease on this storage root (lease.py); the message names it."""
+
+
 @dataclass
 class CommitInfo:
     step: int
@@ -50,6 +54,9 @@ class LoadResult:
     skipped: List[Tuple[str, str]]  # (path, reason) of newer checkpoints that were unusable
     bytes: int
     seconds: float
+    # What was loaded but not all of it, e.g. an older checkpoint's pickled rank extras, which
+    # are refused (rank_extra is then None): log these, the run goes on without them.
+    warnings: List[str] = field(default_factory=list)
 
 
 class CheckpointEntry(NamedTuple):

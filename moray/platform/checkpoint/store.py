@@ -1,16 +1,23 @@
 """CheckpointStore: sharded checkpoints that are written in the background and cannot be torn.
 
 A save, on every rank (collective):
-  1. rank 0 clears what crashed saves left behind and names the save (a token);
+  1. rank 0 clears what this run's crashed saves left behind and names the save
+     (a token);
   2. every rank hands its tensors to DCP (`async_save`: training stalls only for the
      copy to host memory; or `save` when `async_save=False`), writing under
-     `step_NNNNNNN.tmp-<token>/` and hashing each file as it goes;
+     `step_NNNNNNN.tmp-<run_id>-<token>/` and hashing each file as it goes;
   3. at a later `poll()`/`wait()` (or at once when synchronous), once every rank's
      write is done, rank 0 writes `manifest.json`, renames the directory to
      `step_NNNNNNN/`, points `latest` at it, and deletes the oldest beyond `keep`.
 On an object store (no rename) step 2 writes straight into `step_NNNNNNN/`: the
 manifest, written last, is what makes it a checkpoint, and `latest` moves after it.
 A crash at any moment therefore leaves `latest` on the previous complete checkpoint.
+
+One run writes to a root at a time: its driver holds the root's lease (lease.py),
+and rank 0 refuses to start a save or commit one while another run holds it. A
+temporary carries its run's id, so a save clears only its own run's leftovers:
+another run's, in flight or crashed, are never deleted (a store without a run_id
+clears only temporaries that carry none).
 
 `crash_hook(phase)` is called at "shards_written" (every rank, all shards done),
 "manifest_written" and "before_latest" (rank 0): fault injection for tests and drills.
@@ -19,7 +26,6 @@ A crash at any moment therefore leaves `latest` on the previous complete checkpo
 from __future__ import annotations
 
 import json
-import pickle
 import posixpath
 import time
 import uuid
@@ -29,11 +35,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pyarrow.fs as pafs
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from moray.platform.checkpoint import fs as cfs
 from moray.platform.checkpoint import manifest as mf
 from moray.platform.checkpoint.group import StoreGroup
+from moray.platform.checkpoint.lease import check_lease, check_run_id
 from moray.platform.checkpoint.records import (
     CheckpointEntry,
     CheckpointError,
@@ -71,6 +79,8 @@ class CheckpointStore:
     Build it on every rank at the same point (it creates two gloo groups). `keep`: how many
     committed checkpoints survive a commit. `layout`: recorded in each manifest (e.g. the
     pp/dp/tp/ep sizes). `crash_hook(phase)`: see PHASES; never set outside tests and drills.
+    `run_id`: the run's id, the same on every rank and every restart of the run, and the one
+    its StorageLease holds; None for tools and tests that write without a lease.
     """
 
     def __init__(
@@ -85,9 +95,11 @@ class CheckpointStore:
         *,
         layout: Optional[Dict[str, Any]] = None,
         filesystem: Optional[pafs.FileSystem] = None,
+        run_id: Optional[str] = None,
     ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (got {keep}): the newest checkpoint is always kept")
+        self.run_id = None if run_id is None else check_run_id(run_id)
         self.root = cfs.resolve(root, filesystem)
         self.keep, self.rank, self.world_size = keep, rank, world_size
         self.async_save, self.crash_hook, self.layout = async_save, crash_hook, layout
@@ -100,7 +112,8 @@ class CheckpointStore:
     def save(self, step: int, state: Dict[str, Any], extra: Optional[Dict[str, Any]] = None,
              rank_extra: Any = None) -> SaveHandle:
         """Start saving `state` (tensors/DTensors) with `extra` (JSON, rank 0's is kept) and
-        `rank_extra` (picklable, one per rank). Collective. Commits any earlier save first."""
+        `rank_extra` (JSON, one per rank; see rng.py for RNG state). Collective. Commits any
+        earlier save first."""
         previous = self.wait() if self._pending is not None else None
         started = time.perf_counter()
         payload: Dict[str, bytes] = {}
@@ -111,7 +124,7 @@ class CheckpointStore:
 
         token, cleaned = self._group.agree(prepare)
         final = self.root.child(mf.checkpoint_name(step))
-        work = self.root.child(f"{final.name}.tmp-{token}") if self.root.can_rename else final
+        work = self.root.child(f"{final.name}.tmp-{self._tag(token)}") if self.root.can_rename else final
         record: cfs.FileRecord = {}
         writer = cfs.dcp_writer(work, record)
         if self.async_save:
@@ -156,7 +169,9 @@ class CheckpointStore:
         return info
 
     def _prepare(self, step: int) -> Tuple[str, List[str]]:
-        """Rank 0, with no save in flight: delete what crashed saves left; name this save."""
+        """Rank 0, with no save in flight: delete what this run's crashed saves left; name
+        this save."""
+        check_lease(self.root, self.run_id, f"save step {step}")
         cfs.make_dir(self.root)
         cleaned = []
         for info in cfs.list_dir(self.root):
@@ -166,13 +181,31 @@ class CheckpointStore:
             if parsed is None or info.type != pafs.FileType.Directory:
                 continue
             loc = self.root.child(info.base_name)
-            leftover = parsed[1] is not None  # .tmp-* or .old-*
-            if not self.root.can_rename:  # written in place: uncommitted, or about to be rewritten
-                leftover = parsed[0] == step or not cfs.exists(loc.child(mf.MANIFEST))
-            if leftover:
+            if self.root.can_rename:  # this run's .tmp-* or .old-*
+                doomed = parsed.kind is not None and parsed.run_id == self.run_id
+            elif cfs.exists(loc.child(mf.MANIFEST)):  # committed, and about to be rewritten
+                doomed = parsed.step == step
+            else:  # written in place and uncommitted: in flight, or crashed
+                owner = mf.read_writer(loc)
+                if owner != self.run_id and parsed.step == step:
+                    who = f"run {owner!r}" if owner else "a writer without a run_id"
+                    raise CheckpointError(
+                        f"{loc} is an unfinished save of step {step} by {who}, not this run "
+                        f"({self.run_id!r}): two runs are writing to {self.root}. Give each its own "
+                        "train.storage; if that run is gone, delete the directory")
+                doomed = owner == self.run_id
+            if doomed:
                 mf.delete_checkpoint(loc)
                 cleaned.append(str(loc))
+        if not self.root.can_rename:  # in place: say whose save it is until the manifest does
+            final = self.root.child(mf.checkpoint_name(step))
+            cfs.make_dir(final)
+            cfs.put_bytes(final.child(mf.WRITER), json.dumps({"run_id": self.run_id}).encode())
         return uuid.uuid4().hex[:8], cleaned
+
+    def _tag(self, token: str) -> str:
+        """What names this save's temporaries: its run and its token."""
+        return f"{self.run_id}-{token}" if self.run_id else token
 
     def _finish_write(self, wait_upload, work, record, payload, started) -> _RankWrite:
         """Background (or inline): wait for DCP's files, then write this rank's extras."""
@@ -182,8 +215,9 @@ class CheckpointStore:
                 cfs.put_bytes(work.child(name), data)
                 record[name] = (len(data), cfs.sha256_hex(data))
             return _RankWrite(dict(record), time.perf_counter() - started)
-        except Exception as e:  # reported at commit, on every rank
-            return _RankWrite({}, time.perf_counter() - started, f"rank {self.rank}: {type(e).__name__}: {e}")
+        except (Exception, CheckpointException) as e:  # reported at commit, on every rank
+            why = _failures(e) if isinstance(e, CheckpointException) else f"{type(e).__name__}: {e}"
+            return _RankWrite({}, time.perf_counter() - started, f"rank {self.rank}: {why}")
 
     def _commit(self) -> CommitInfo:
         pending, self._pending = self._pending, None
@@ -202,6 +236,7 @@ class CheckpointStore:
         errors = [w.error for w in writes if w.error]
         if errors:
             raise CheckpointError(f"saving step {p.handle.step} failed: " + "; ".join(errors))
+        check_lease(self.root, self.run_id, f"commit step {p.handle.step}")  # before the manifest commits it
         files = {name: mf.FileEntry(size, sha, r) for r, w in enumerate(writes)
                  for name, (size, sha) in w.files.items()}
         stored = {i.base_name: i.size for i in cfs.list_dir(p.work) if i.type == pafs.FileType.File}
@@ -212,7 +247,7 @@ class CheckpointStore:
         cfs.put_bytes(p.work.child(mf.MANIFEST), manifest.to_json())
         self._crash_point(p, "manifest_written")
         if p.work != p.final:
-            aside = self.root.child(f"{p.final.name}.old-{p.token}")
+            aside = self.root.child(f"{p.final.name}.old-{self._tag(p.token)}")
             if cfs.exists(p.final):  # an earlier save of this step that `latest` moved past
                 cfs.move(p.final, aside)
             cfs.move(p.work, p.final)
@@ -273,14 +308,30 @@ class CheckpointStore:
                     raise CheckpointError(f"checkpoint {ckpt} is not loadable: " + "; ".join(problems))
                 skipped.append((str(ckpt), "; ".join(problems)))
                 continue
-            dcp.load(state_template, storage_reader=cfs.dcp_reader(ckpt), process_group=self._group.dcp)
+            try:
+                dcp.load(state_template, storage_reader=cfs.dcp_reader(ckpt), process_group=self._group.dcp)
+            except CheckpointException as e:  # a BaseException: make it one callers catch
+                raise CheckpointError(f"loading {ckpt} failed: " + _failures(e)) from None
             extra = json.loads(cfs.get_bytes(ckpt.child(mf.EXTRA))) if mf.EXTRA in manifest.files else {}
-            mine = mf.rank_extra_name(self.rank)
-            rank_extra = pickle.loads(cfs.get_bytes(ckpt.child(mine))) if mine in manifest.files else None
+            rank_extra, warnings = self._rank_extra(ckpt, manifest)
             return LoadResult(manifest.step, str(ckpt), extra, rank_extra, skipped, manifest.bytes,
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, warnings)
         reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
         raise CheckpointError(f"no loadable checkpoint under {self.root}: {reasons}")
+
+    def _rank_extra(self, ckpt: cfs.Location, manifest: mf.Manifest) -> Tuple[Any, List[str]]:
+        """This rank's `rank_extra` (JSON), and warnings. An older moray pickled it; unpickling
+        runs code from the checkpoint, so such extras are refused and the rest still loads."""
+        name = mf.rank_extra_name(self.rank)
+        if name in manifest.files:
+            return json.loads(cfs.get_bytes(ckpt.child(name))), []
+        legacy = mf.legacy_rank_extra_name(self.rank)
+        if legacy in manifest.files:
+            return None, [f"{ckpt.child(legacy)}: this checkpoint was written by an older moray, which "
+                          "pickled per-rank extras; loading them would run code from the checkpoint, so "
+                          "they are ignored (rank_extra is None: e.g. RNG state is not restored). "
+                          "The next checkpoint saved holds them as JSON"]
+        return None, []
 
     def _candidates(self) -> List[str]:
         """Rank 0: `latest`'s checkpoint, then every older one, newest first."""
@@ -319,3 +370,8 @@ class CheckpointStore:
         share = sorted(manifest.files)[self.rank::self.world_size]
         problems = self._group.all_gather(mf.verify_files(ckpt, manifest, share))
         return manifest, [p for rank_problems in problems for p in rank_problems]
+
+
+def _failures(e: CheckpointException) -> str:
+    """What failed inside DCP, rank by rank, without its tracebacks."""
+    return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in e.failures.items())
