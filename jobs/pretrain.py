@@ -31,14 +31,10 @@ def main(argv=None) -> int:
     from moray.platform.controller import RunFailed, run_pretraining
 
     try:
-        result = run_pretraining(cfg, resume=args.resume)
+        run_pretraining(cfg, resume=args.resume)  # prints a line per step and a summary at the end
     except (ConfigError, RunFailed, DataError, SourceError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    m = result.metrics
-    if m:
-        print(f"done: {len(m)} steps logged, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}; "
-              f"run in {result.run_dir}" + (f"; plot {result.loss_png}" if result.loss_png else ""))
     return 0
 
 

@@ -54,10 +54,14 @@ def _final_state(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(cluster, data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    result = run_pretraining(_cfg(root, data_dir, "baseline"))
-    return _final_state(result.run_dir)
+def baseline_dir(cluster, data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run, committed every EVERY steps."""
+    return run_pretraining(_cfg(tmp_path_factory.mktemp("runs"), data_dir, "baseline")).run_dir
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_dir):
+    return _final_state(baseline_dir)
 
 
 def _assert_bitwise_equal(state: dict, ref: dict) -> None:
@@ -155,3 +159,66 @@ def test_past_max_failures_the_run_stops_naming_the_last_good_checkpoint(cluster
     assert "the last good checkpoint is step 4" in message and "--resume auto" in message
     events = [e["event"] for e in RunDir(str(tmp_path), "doomed").read_events()]
     assert events.count("restart") == 1 and events[-1] == "gave_up"
+
+
+def _restarts(result):
+    return [e for e in result.events if e["event"] == "restart"]
+
+
+def test_a_resume_from_another_run_survives_a_kill_before_its_first_commit(baseline, baseline_dir, data_dir, tmp_path):
+    # The kill comes before step 5, the first commit of this run would be step 6: the retry must
+    # load the other run's step 4 again (not start from step 0), and end where the baseline ended.
+    source = baseline_dir
+    result = run_pretraining(_cfg(tmp_path, data_dir, "from_elsewhere", "train.chaos.kill_worker_at_step=5",
+                                  "train.chaos.kill_rank=1"), resume=str(source / "checkpoints" / "step_0000004"))
+    assert [r["step"] for r in _restarts(result)] == [4, 4]
+    assert all(r["checkpoint"].startswith(str(source)) for r in _restarts(result))
+    _assert_bitwise_equal(_final_state(result.run_dir), baseline)
+    # Ray Train registered the checkpoints as they were committed: its Result names the last one.
+    assert result.checkpoint == str(result.run_dir / "checkpoints" / f"step_{MAX_STEPS:07d}")
+
+
+def test_a_roll_back_survives_a_kill_before_its_first_commit(baseline, data_dir, tmp_path):
+    run = _cfg(tmp_path, data_dir, "rollback", "train.max_steps=6", "train.lr_decay_steps=8")
+    run_pretraining(run)  # committed 2, 4, 6
+    result = run_pretraining(_cfg(tmp_path, data_dir, "rollback", "train.chaos.kill_worker_at_step=3",
+                                  "train.chaos.kill_rank=0"), resume="2")
+    # Ray Train restores the first submission's step 6 as its latest; the retry still rolls back to 2.
+    assert [r["step"] for r in _restarts(result)] == [2, 2]
+    _assert_bitwise_equal(_final_state(result.run_dir), baseline)
+
+
+def test_an_error_that_repeats_is_not_retried_max_failures_times(cluster, data_dir, tmp_path):
+    from moray.platform.controller import RunFailed
+
+    cfg = _cfg(tmp_path, data_dir, "bug", "train.max_failures=3", "train.chaos.raise_at_step=3",
+               "train.chaos.once=false")
+    with pytest.raises(RunFailed) as err:
+        run_pretraining(cfg)
+    assert "stopped without retrying" in str(err.value) and "raise_at_step" in str(err.value)
+    events = [e["event"] for e in RunDir(str(tmp_path), "bug").read_events()]
+    assert events.count("restart") == 1 and "fatal" in events  # one retry to tell a bug from bad luck
+
+
+def test_a_missing_resume_target_fails_before_any_worker_starts(cluster, data_dir, tmp_path):
+    from moray.platform.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        run_pretraining(_cfg(tmp_path, data_dir, "nothing_there"), resume="6")
+    assert "--resume 6" in str(err.value) and "committed steps" in str(err.value)
+    assert not any(e["event"] == "submit" for e in RunDir(str(tmp_path), "nothing_there").read_events())
+
+
+def test_a_second_run_on_the_same_storage_is_refused_naming_the_holder(cluster, data_dir, tmp_path):
+    from moray.platform.checkpoint import StorageLease
+    from moray.platform.config import ConfigError
+
+    storage = tmp_path / "shared_ckpt"
+    holder = StorageLease(str(storage), "other-run-1234", run_name="other").acquire()
+    try:
+        with pytest.raises(ConfigError) as err:
+            run_pretraining(_cfg(tmp_path, data_dir, "intruder", f"train.storage={storage}"))
+        assert "other" in str(err.value) and "lease" in str(err.value)
+        assert holder.held
+    finally:
+        holder.release()

@@ -40,11 +40,19 @@ def _run(cfg, resume="auto"):
 def test_batch_ramp_grows_the_batch_in_whole_rounds(group, tmp_path, data_dir):
     # One round = dp 1 x micro-batch 2 x 2 microbatches = 4 sequences of 128 tokens.
     cfg = _cfg(tmp_path, data_dir, "ramp", "train.max_steps=8", "train.batch_tokens_start=512",
-               "train.batch_tokens=2048", "train.batch_ramp_tokens=4096")
+               "train.batch_tokens=2048", "train.batch_ramp_tokens=4096", "train.loggers=[tensorboard]")
     _run(cfg)
-    seqs = [m["batch_sequences"] for m in RunDir(str(tmp_path), "ramp").read_metrics()]
+    metrics = RunDir(str(tmp_path), "ramp").read_metrics()
+    seqs = [m["batch_sequences"] for m in metrics]
     assert seqs[0] == 4 and seqs[-1] == 16
     assert all(a <= b for a, b in zip(seqs, seqs[1:])) and all(s % 4 == 0 for s in seqs)
+    # train.loggers: TensorBoard holds the same per-step values as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "ramp" / "tensorboard"))
+    tb.Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("batch_sequences")] == [(m["step"], m["batch_sequences"]) for m in metrics]
+    assert [e.value for e in tb.Scalars("loss")] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
 
 
 def test_resume_is_exact_mid_ramp(group, tmp_path, data_dir):
@@ -69,3 +77,19 @@ def test_on_nan_halt_stops_without_saving_the_bad_state(group, tmp_path, data_di
     assert [e["step"] for e in events if e["event"] == "halt"] == [4]
     assert not any(e["event"] == "finish" for e in events)
     assert worker.store.latest_step() == 3  # the last good checkpoint, none after the NaN
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(group, tmp_path, data_dir):
+    source = _run(_cfg(tmp_path, data_dir, "source", "train.max_steps=3"))
+    cfg = _cfg(tmp_path, data_dir, "finetune", "train.max_steps=3", f"train.init_from={tmp_path / 'source' / 'checkpoints'}")
+    from moray.platform.controller import Controller
+
+    cfg = Controller(cfg).cfg  # the driver pins init_from to the checkpoint `latest` names
+    assert cfg.train.init_from.endswith("step_0000003")
+    worker = TrainingWorker(cfg, rank=0, world_size=1)
+    worker._restore()
+    a, b = source.engine.full_state_dict(), worker.engine.full_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert worker.step == 0 and worker.tokens_seen == 0  # weights only: a new run, a fresh optimizer
+    start = [e for e in RunDir(str(tmp_path), "finetune").read_events() if e["event"] == "start"][-1]
+    assert start["init_from"]["path"] == cfg.train.init_from

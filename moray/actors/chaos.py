@@ -32,6 +32,9 @@ class Chaos:
         if self._should("kill", c.kill_worker_at_step, step, c.kill_rank):
             record_event("chaos", what="kill_worker", rank=self.rank, step=step)
             os._exit(137)  # as if the kernel's OOM killer took it
+        if self._should("raise", c.raise_at_step, step, c.raise_rank):
+            record_event("chaos", what="raise", rank=self.rank, step=step)
+            raise RuntimeError(f"chaos: an error injected before step {step} (train.chaos.raise_at_step)")
         if self._should("hang", c.hang_at_step, step, c.hang_rank):
             record_event("chaos", what="hang", rank=self.rank, step=step)
             while True:  # stuck as a worker in a collective would be; the watchdog ends it

@@ -9,17 +9,22 @@ committed checkpoint, so the run goes on as if nothing had happened.
 
 from __future__ import annotations
 
-import random
-import sys
+import json
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
+from moray.actors import resume
 from moray.actors.chaos import Chaos
+from moray.actors.errors import NonRetryableError
 from moray.actors.watchdog import StepWatchdog
+from moray.platform.checkpoint import CheckpointError, LeaseHeldError, rng_state_json, set_rng_state_json
 from moray.platform.config import MorayConfig
+from moray.platform.console import Console
+from moray.platform.loggers import build_loggers
 from moray.platform.runlog import RunDir
 from moray.platform.schedule import batch_sequences_at, lr_at
 
@@ -29,28 +34,79 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
-    worker = TrainingWorker(
-        MorayConfig.model_validate(loop_config["config"]),
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        local_rank=ctx.get_local_rank(),
-        resume=loop_config.get("resume", "auto"),
-        report=ray.train.report,
-    )
-    worker.run()
+    reported = ray.train.get_checkpoint()
+    try:
+        worker = TrainingWorker(
+            MorayConfig.model_validate(loop_config["config"]),
+            rank=ctx.get_world_rank(),
+            world_size=ctx.get_world_size(),
+            local_rank=ctx.get_local_rank(),
+            resume=loop_config.get("resume", "auto"),
+            report=RayTrainReporter(ctx.get_storage(), ctx.get_world_rank()),
+            submit_id=loop_config.get("submit_id"),
+            reported_checkpoint=reported.path if reported is not None else None,
+            run_id=loop_config.get("run_id"),
+        )
+    except SETUP_ERRORS as err:  # the config or the layout: every attempt would fail the same way
+        raise NonRetryableError(f"setting up rank {ctx.get_world_rank()} failed: {type(err).__name__}: {err}") from err
+    try:
+        worker.run()
+    except LeaseHeldError as err:  # another run owns the storage now: a restart would meet it again
+        raise NonRetryableError(str(err)) from err
+
+
+# A worker's set-up fails with these when the request is wrong (config, layout, weights that do
+# not match the model), never because a node or a peer went away.
+SETUP_ERRORS = (ValueError, TypeError, KeyError)
+
+
+class RayTrainReporter:
+    """Reports committed checkpoints to Ray Train, so `Result.checkpoint`, `get_checkpoint()` on a
+    restart and the Train dashboard show them. Nothing is copied: a checkpoint inside Ray Train's
+    experiment directory (the run directory) is reported where it is; one elsewhere (train.storage)
+    through a small pointer directory that names it. Every rank calls it (Ray Train's report is a
+    barrier); rank 0's checkpoint is the one registered."""
+
+    def __init__(self, storage, rank: int):
+        self.storage, self.rank = storage, rank
+
+    def __call__(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+
+        checkpoint = None
+        if checkpoint_dir is not None and self.rank == 0:
+            checkpoint = ray.train.Checkpoint(self._managed(checkpoint_dir), filesystem=self.storage.storage_filesystem)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+    def _managed(self, checkpoint_dir: str) -> str:
+        import posixpath
+
+        exp = self.storage.experiment_fs_path
+        if "://" not in checkpoint_dir and Path(checkpoint_dir).resolve().is_relative_to(Path(exp).resolve()):
+            return str(Path(checkpoint_dir).resolve())
+        pointer = posixpath.join(exp, "checkpoint_refs", posixpath.basename(checkpoint_dir.rstrip("/")))
+        fs = self.storage.storage_filesystem
+        fs.create_dir(pointer, recursive=True)
+        with fs.open_output_stream(posixpath.join(pointer, resume.POINTER)) as f:
+            f.write(json.dumps({"path": checkpoint_dir}).encode())
+        return pointer
 
 
 class TrainingWorker:
     def __init__(self, cfg: MorayConfig, rank: int, world_size: int, local_rank: int = 0,
-                 resume: str = "auto", report=None):
+                 resume: str = "auto", report=None, submit_id: Optional[str] = None,
+                 reported_checkpoint: Optional[str] = None, run_id: Optional[str] = None):
         from moray.parallel import ParallelDims, TrainEngine
         from moray.platform.checkpoint import CheckpointStore
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         t = cfg.train
         self.rundir = RunDir(t.runs_dir, t.run_name)
-        self.report = report
-        self.resume = resume
+        self.report = report  # report(metrics, checkpoint_dir=None), on every rank; None outside Ray Train
+        self.resume = resume  # what the submission asked for; a retry decides again (moray.actors.resume)
+        self.submit_id = submit_id
+        self.reported_checkpoint = reported_checkpoint  # Ray Train's last reported checkpoint, if any
         self.device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -60,15 +116,18 @@ class TrainingWorker:
         torch.manual_seed(t.seed)
         self.engine = TrainEngine(cfg.model, p, self.dims, rank=rank, device=self.device, seed=t.seed,
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  grad_clip=t.grad_clip, dtype=t.dtype)
+                                  grad_clip=t.grad_clip, dtype=t.dtype, eps=t.eps)
         self.dp_rank, self.dp_size = self.dims.dp_rank(rank), self.dims.dp
         self.sampler = self._build_sampler()
         self.chaos = Chaos(t.chaos, self.rundir.path, rank)
         self.store = CheckpointStore(t.storage or self.rundir.checkpoints, keep=t.keep_checkpoints, rank=rank,
-                                     world_size=world_size, async_save=t.async_checkpoint)
+                                     world_size=world_size, async_save=t.async_checkpoint, run_id=run_id)
         self.step = 0
         self.tokens_seen = 0
         self.halted = False
+        # sys.stdout, not print: Ray Train patches print to also log, which shows each line twice.
+        self.console = Console(t.max_steps, log_every=t.log_every)
+        self.loggers = None  # opened in run(), once the starting step is known
         self._flops_per_token, self._peak = _flops_and_peak(cfg)
 
     # ------------------------------------------------------------ set-up
@@ -80,41 +139,58 @@ class TrainingWorker:
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.rank == 0 or kind in ("hang", "chaos"):
-            self.rundir.event(kind, **{"rank": self.rank, **fields})
+            self.console.event(self.rundir.event(kind, **{"rank": self.rank, **fields}))
 
     def _restore(self) -> None:
-        if self.rundir.is_retry():
-            # Ray Train restarted the group after a failure: go on from this run's own latest
-            # checkpoint, whatever the first attempt was told.
-            self.resume = "auto"
-        if self.resume == "never" or (self.resume == "auto" and self.store.latest_step() is None):
-            self._event("start", step=0, world_size=self.world_size, layout=self.dims.describe())
+        decision = resume.agree(
+            lambda: resume.decide(self.resume, self.submit_id, self.reported_checkpoint, self.store), self.rank)
+        if decision.fresh:
+            init = self._init_from() if self.cfg.train.init_from else None
+            self._event("start", step=0, world_size=self.world_size, layout=self.dims.describe(), why=decision.why,
+                        init_from=init)
             return
-        target = None if self.resume == "auto" else self.resume
+        target = None if decision.target == "latest" else decision.target
         started = time.time()
         state = self.engine.state_dict()
-        res = self.store.load(state, target)
+        try:
+            res = self.store.load(state, target)
+        except CheckpointError as err:
+            if target is None:
+                raise  # every candidate failed verification: storage may answer better next time
+            raise NonRetryableError(f"{decision.why}: {err}") from err
         self.engine.load_state_dict(state)
         extra = res.extra
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
         self.sampler.load_state_dict(extra["sampler"])
         if res.rank_extra is not None:
-            _set_rng_state(res.rank_extra["rng"])
-        last_logged = self.rundir.last_logged_step()
+            set_rng_state_json(res.rank_extra["rng"])
+        last_logged = self.rundir.last_logged_step() if self.rank == 0 else None
         lost = max(0, last_logged + 1 - self.step) if last_logged is not None else 0
         for path, reason in res.skipped:
             self._event("checkpoint_skipped", path=str(path), reason=reason)
         self._event("restart", step=self.step, checkpoint=str(res.path), steps_lost=lost,
-                    load_seconds=round(time.time() - started, 3),
+                    load_seconds=round(time.time() - started, 3), why=decision.why,
                     world_size=self.world_size, layout=self.dims.describe())
+
+    def _init_from(self) -> Dict[str, Any]:
+        """train.init_from: a fresh run starts from these weights (each rank reads its own stage)."""
+        from moray.platform.init_weights import InitFromError, load_initial_weights
+
+        try:
+            return load_initial_weights(self.engine, self.cfg.train.init_from).to_event()
+        except InitFromError as err:  # weights that do not fit the model: the same on every attempt
+            raise NonRetryableError(str(err)) from err
 
     # ------------------------------------------------------------ the loop
 
     def run(self) -> None:
         t = self.cfg.train
-        self._restore()
-        watchdog = StepWatchdog(t.hang_timeout_s, self._on_hang).start()
+        watchdog = StepWatchdog(t.hang_timeout_s, self._on_hang).start("startup", t.startup_timeout_s)
+        self.watchdog = watchdog
         try:
+            self._restore()
+            self.loggers = build_loggers(t.loggers if self.rank == 0 else [], self.rundir.path, t.run_name,
+                                         self.cfg.to_dict(), start_step=self.step)
             while self.step < t.max_steps:
                 if not self._one_step():
                     self.halted = True
@@ -122,16 +198,15 @@ class TrainingWorker:
                 watchdog.beat(self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self._checkpoint(final=self.step == t.max_steps)
-            self._record_commit(self.store.close())  # the last save committed, its writer thread stopped
+            with watchdog.phase("checkpoint", t.checkpoint_timeout_s):
+                self._record_commit(self.store.close())  # the last save committed, its writer thread stopped
             if self.rank == 0 and not self.halted:
                 self.rundir.event("finish", step=self.step, tokens_seen=self.tokens_seen)
-            if self.report is not None:
-                # Once, at the end: ray.train.report blocks until Ray Train's controller polls
-                # (every ~2 s), so a report per step would triple a small model's step time.
-                # Per-step metrics go to metrics.jsonl instead.
-                self.report(getattr(self, "last_metrics", {}))
+            self.loggers.close("FAILED" if self.halted else "FINISHED")
         finally:
             watchdog.stop()
+            if self.loggers is not None:
+                self.loggers.close()  # an attempt that failed: a restart goes on in the same logger run
 
     def _one_step(self) -> bool:
         """One optimizer step; False when the run must halt."""
@@ -208,34 +283,37 @@ class TrainingWorker:
             rec["memory"] = self.memory
         if self.rank == 0:
             self.rundir.metrics(rec)
-            if self.step % self.cfg.train.log_every == 0:
-                # sys.stdout, not print: Ray Train patches print to also log, which shows each line twice.
-                sys.stdout.write(f"step {self.step:5d} | loss {rec['loss']:.4f} | aux {rec['aux_loss'] or 0:.3f} | "
-                                 f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {rec['mfu']:.1%}\n")
-                sys.stdout.flush()
+            self.loggers.log(rec["step"], rec)
+            self.console.step(rec)
         self.last_metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
 
     # ------------------------------------------------------------ checkpoints
 
     def _checkpoint(self, final: bool) -> None:
         extra = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                 "layout": self.dims.describe()}
+                 "layout": self.dims.describe(), "submit_id": self.submit_id}
         self.store.crash_hook = self.chaos.checkpoint_hook(self.step, self._event)
-        self.store.save(self.step, self.engine.state_dict(), extra=extra, rank_extra={"rng": _rng_state()})
-        if final or not self.cfg.train.async_checkpoint:
-            self._maybe_commit(wait=True)
+        with self.watchdog.phase("checkpoint", self.cfg.train.checkpoint_timeout_s):
+            self.store.save(self.step, self.engine.state_dict(), extra=extra, rank_extra={"rng": rng_state_json()})
+            if final or not self.cfg.train.async_checkpoint:
+                self._maybe_commit(wait=True)
 
     def _maybe_commit(self, wait: bool = False) -> None:
         self._record_commit(self.store.wait() if wait else self.store.poll())
 
     def _record_commit(self, info) -> None:
-        if info is not None:
-            self._event("checkpoint", step=info.step, path=str(info.path), stall_s=info.stall_s,
-                        seconds=info.seconds)
+        """A checkpoint is committed on every rank at once: record it and tell Ray Train."""
+        if info is None:
+            return
+        self._event("checkpoint", step=info.step, path=str(info.path), stall_s=info.stall_s, seconds=info.seconds)
+        if self.report is not None:
+            self.report(getattr(self, "last_metrics", {}), checkpoint_dir=str(info.path))
 
-    def _on_hang(self, stalled_s: float, step: Optional[int]) -> None:
-        self.rundir.event("hang", rank=self.rank, step=step, stalled_s=round(stalled_s, 1),
-                       timeout_s=self.cfg.train.hang_timeout_s)
+    def _on_hang(self, stalled_s: float, step: Optional[int], phase: str) -> None:
+        t = self.cfg.train
+        limit = {"startup": t.startup_timeout_s, "checkpoint": t.checkpoint_timeout_s}.get(phase, t.hang_timeout_s)
+        self.console.event(self.rundir.event("hang", rank=self.rank, step=step, phase=phase,
+                                             stalled_s=round(stalled_s, 1), timeout_s=limit))
 
 
 def _flops_and_peak(cfg: MorayConfig):
@@ -244,13 +322,3 @@ def _flops_and_peak(cfg: MorayConfig):
     fwd = flops_per_token(cfg.model, cfg.train.seq_len)
     peak = peak_flops(cfg.cluster.gpu, cfg.cluster.peak_flops)
     return 3 * fwd, peak
-
-
-def _rng_state() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: Dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])

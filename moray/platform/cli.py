@@ -22,6 +22,7 @@ from typing import List, Optional
 COMMANDS = {  # name -> (module, one-line help)
     "plan": ("moray.platform.cli_plan", "capacity planner: parameters, FLOPs, memory, layouts, days, cost, serving"),
     "convert": ("moray.platform.cli_convert", "convert checkpoints between Hugging Face Mixtral and moray"),
+    "export": ("moray.platform.cli_export", "export a training checkpoint as a Hugging Face or moray model directory"),
 }
 
 

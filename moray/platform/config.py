@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moray.data.config import DataConfig
 from moray.model.config import ModelConfig
@@ -39,38 +39,69 @@ class ChaosConfig(_Section):
     kill_rank: int = 0
     hang_at_step: Optional[int] = None  # the rank below sleeps inside this step (watchdog test)
     hang_rank: int = 0
+    raise_at_step: Optional[int] = None  # the rank below raises before this step (with once=false: a bug that repeats)
+    raise_rank: int = 0
     crash_during_checkpoint_at_step: Optional[int] = None  # die after shards, before commit
     nan_at_step: Optional[int] = None  # make this step's loss NaN (train.on_nan test)
     once: bool = True  # fire only in the first attempt, so the restarted run goes on
 
 
 class TrainConfig(_Section):
-    run_name: str = "run"  # the run lives in <runs_dir>/<run_name>/
-    runs_dir: str = "runs"
+    # Bounds live on the fields so a value that could only fail inside a worker (a modulo by
+    # checkpoint_every = 0, a watchdog that fires at once) is refused in the driver, by key.
+    run_name: str = Field("run", min_length=1)  # the run lives in <runs_dir>/<run_name>/
+    runs_dir: str = "runs"  # a path every node can read (NFS, a shared disk): not a URI; see _runs_dir_is_a_path
     storage: Optional[str] = None  # checkpoints: local path or pyarrow.fs URI; None = <run>/checkpoints
-    max_steps: int = 100
-    seq_len: int = 128
-    micro_batch_size: int = 4  # sequences per microbatch per dp rank
-    batch_tokens: Optional[int] = None  # global tokens per step after the ramp; None = one microbatch round
-    batch_tokens_start: Optional[int] = None  # global tokens per step at step 0 (ramp start)
-    batch_ramp_tokens: int = 0  # tokens over which the batch grows linearly to batch_tokens
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 10
-    lr_decay_steps: Optional[int] = None  # cosine to min_lr over this many steps; None = max_steps
-    weight_decay: float = 0.1
-    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
+    # Fine-tuning: a fresh run starts from these weights (HF Mixtral dir, moray dir, or a moray run /
+    # checkpoint) instead of random init; a resumed run ignores it. See platform/init_weights.py.
+    init_from: Optional[str] = None
+    max_steps: int = Field(100, ge=1)
+    seq_len: int = Field(128, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # sequences per microbatch per dp rank
+    batch_tokens: Optional[int] = Field(None, ge=1)  # global tokens per step after the ramp; None = one microbatch round
+    batch_tokens_start: Optional[int] = Field(None, ge=1)  # global tokens per step at step 0 (ramp start)
+    batch_ramp_tokens: int = Field(0, ge=0)  # tokens over which the batch grows linearly to batch_tokens
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_decay_steps: Optional[int] = Field(None, ge=1)  # cosine to min_lr over this many steps; None = max_steps
+    weight_decay: float = Field(0.1, ge=0)
+    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
+    eps: float = Field(1e-8, gt=0)  # AdamW's epsilon
+    grad_clip: float = Field(1.0, ge=0)  # global-norm clipping; 0 = off
     seed: int = 1234
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bf16 autocast on GPU)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bf16: bf16 weights and activations, fp32 master + Adam
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
     async_checkpoint: bool = True
-    log_every: int = 1
-    hang_timeout_s: float = 300.0
-    max_failures: int = 3
+    log_every: int = Field(1, ge=1)
+    # The watchdog ends a worker whose step stalls (a hung collective never raises). Start-up
+    # (building the model, loading a checkpoint, the first step's warm-up) and checkpoint waits
+    # are bounded separately: a slow save must not kill healthy workers in a loop.
+    hang_timeout_s: float = Field(300.0, gt=0)
+    startup_timeout_s: float = Field(1800.0, gt=0)
+    checkpoint_timeout_s: float = Field(1800.0, gt=0)
+    max_failures: int = Field(3, ge=-1)  # restarts Ray Train may make; -1 = no limit
     on_nan: Literal["skip", "halt", "restart"] = "skip"
+    loggers: List[str] = Field(default_factory=list)  # also write metrics.jsonl's fields to: tensorboard, mlflow
     chaos: ChaosConfig = Field(default_factory=ChaosConfig)
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, v: List[float]) -> List[float]:
+        if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"need two values, each in [0, 1), e.g. [0.9, 0.95] (got {v})")
+        return v
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _runs_dir_is_a_path(cls, v: str) -> str:
+        # Ranks append metrics and events to the run directory line by line, which object
+        # stores cannot do; checkpoints, the only large output, may live on one (train.storage).
+        if "://" in v and not v.startswith("file://"):
+            raise ValueError(f"{v!r} is a URI; the run directory (config, metrics, events) must be a path every "
+                             f"node can see (a shared disk); put checkpoints on object storage with train.storage")
+        return v[len("file://"):] if v.startswith("file://") else v
 
 
 class ServeConfig(_Section):
@@ -85,6 +116,7 @@ class ServeConfig(_Section):
     max_tokens_default: int = 128
     draft_config: Optional[str] = None  # config of a draft model for speculative decoding
     speculative_tokens: int = 4
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the serving engine's weights and KV dtype
 
 
 class ClusterConfig(_Section):
@@ -173,7 +205,7 @@ def _format_error(err: ValidationError) -> str:
             if allowed:
                 msg += f"; allowed keys: {', '.join(allowed)}"
         else:
-            msg = f"{path}: {e['msg']}"
+            msg = f"{path}: {e['msg'].removeprefix('Value error, ')}"
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
         lines.append(msg)

@@ -9,12 +9,16 @@ Ray Train restart the whole group from the last committed checkpoint up to
 
 from __future__ import annotations
 
+import sys
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from moray.platform.config import ConfigError, MorayConfig
+from moray.platform.console import event_line, run_summary
+from moray.platform.loggers import check_loggers, logger_env
 from moray.platform.runlog import RunDir, plot_loss
 
 
@@ -28,6 +32,7 @@ class RunResult:
     metrics: List[Dict[str, Any]]
     events: List[Dict[str, Any]]
     loss_png: Optional[Path]
+    checkpoint: Optional[str] = None  # the last checkpoint Ray Train registered (Result.checkpoint)
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -70,6 +75,14 @@ class Controller:
     def __init__(self, cfg: MorayConfig):
         self.cfg = cfg = with_absolute_paths(cfg)
         self.world_size = validate_layout(cfg)
+        check_loggers(cfg.train.loggers)
+        if cfg.train.init_from:  # pinned to the step `latest` names now, so every attempt starts from the same weights
+            from moray.platform.init_weights import check_init_from
+
+            try:
+                cfg.train.init_from = check_init_from(cfg.train.init_from, cfg.model).path
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         self.run = RunDir(cfg.train.runs_dir, cfg.train.run_name)
 
     def _check_resources(self) -> None:
@@ -90,28 +103,56 @@ class Controller:
             )
 
     def fit(self, resume: str = "auto") -> RunResult:
+        self._check_resources()
+        t = self.cfg.train
+        if resume == "never":
+            self._take_lease(self.run.run_id()).release()  # never archive a run that is writing right now
+            self._start_over()
+        self._check_resume_target(resume)
+        (self.run.path / "config.yaml").write_text(self.cfg.to_yaml())
+        submit_id = uuid.uuid4().hex[:12]  # one per fit(): a retry inside it keeps it, a new submission does not
+        run_id = self.run.run_id()
+        lease = self._take_lease(run_id)
+        try:
+            submitted = self.run.event("submit", world_size=self.world_size, resume=resume, submit_id=submit_id,
+                                       layout=self.cfg.parallel.to_dict())
+            _say(event_line("submit", submitted))
+            try:
+                result = self._trainer(resume, submit_id, run_id).fit()
+            except Exception as err:  # Ray Train gave up: max_failures exceeded, or a failure not worth retrying
+                self.run.event("gave_up", error=_short(err))
+                self._summary()
+                fatal = [e for e in self.run.read_events() if e["event"] == "fatal" and e.get("submit_id") == submit_id]
+                if fatal:
+                    raise RunFailed(self._give_up_message(RuntimeError(fatal[-1]["error"]), restarts=False,
+                                                          why="stopped without retrying (it would fail the same "
+                                                              "way on every attempt)")) from None
+                raise RunFailed(self._give_up_message(err)) from None
+        finally:
+            lease.release()
+        halts = [e for e in self.run.read_events() if e["event"] == "halt"]
+        if halts and halts[-1]["time"] > submitted["time"]:
+            self._summary()
+            raise RunFailed(self._give_up_message(RuntimeError(halts[-1]["reason"] + f" at step {halts[-1]['step']}"),
+                                                  restarts=False))
+        metrics = self.run.read_metrics()
+        png = plot_loss(metrics, self.run.path / "loss.png", title=f"{t.run_name}: training loss")
+        self._summary(metrics, png)
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        return RunResult(self.run.path, metrics, self.run.read_events(), png, checkpoint)
+
+    def _trainer(self, resume: str, submit_id: str, run_id: str):
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from moray.actors.train_worker import train_loop_per_worker
         from moray.platform.failures import FailureEvents
 
-        self._check_resources()
         c, t = self.cfg.cluster, self.cfg.train
-        if resume == "never":
-            archived = self.run.archive()
-            if archived is not None:
-                print(f"--resume never: the previous run's files are kept in {archived}")
-            store = self._store()
-            if store.latest_step() is not None:
-                raise ConfigError(
-                    f"--resume never, but {store.root} already holds checkpoints of an earlier run; "
-                    f"point train.storage somewhere new, or resume with --resume auto")
-        (self.run.path / "config.yaml").write_text(self.cfg.to_yaml())
-        submitted = self.run.event("submit", world_size=self.world_size, resume=resume, layout=self.cfg.parallel.to_dict())
-        trainer = TorchTrainer(
+        return TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": self.cfg.to_dict(), "resume": resume},
+            train_loop_config={"config": self.cfg.to_dict(), "resume": resume, "submit_id": submit_id,
+                               "run_id": run_id},
             torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
                                      timeout_s=int(max(60, t.hang_timeout_s * 2))),
             scaling_config=ray.train.ScalingConfig(
@@ -122,26 +163,64 @@ class Controller:
                 placement_strategy="PACK",
             ),
             run_config=ray.train.RunConfig(
-                name=t.run_name,
-                storage_path=str(self.run.path / "ray_train"),
+                # Ray Train's experiment directory is the run directory itself, so the checkpoints
+                # under it are reported to Ray Train where they lie, without a copy.
+                name=self.run.path.name,
+                storage_path=str(self.run.path.parent),
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                callbacks=[FailureEvents(str(self.run.path))],
-                worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                callbacks=[FailureEvents(str(self.run.path), submit_id)],
+                worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **logger_env(t.loggers)}},
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own line per step is enough
             ),
         )
+
+    def _start_over(self) -> None:
+        """--resume never: the previous run's files move aside, and its checkpoints must not be in the way."""
+        archived = self.run.archive()
+        if archived is not None:
+            print(f"--resume never: the previous run's files are kept in {archived}")
+        if self._store().latest_step() is not None:
+            raise ConfigError(f"--resume never, but {self._store().root} already holds checkpoints of an earlier "
+                              f"run; point train.storage somewhere new, or resume with --resume auto")
+
+    def _summary(self, metrics=None, png=None) -> None:
+        metrics = self.run.read_metrics() if metrics is None else metrics
+        _say(run_summary(metrics, self.run.read_events(), self.run.path, png, max_steps=self.cfg.train.max_steps))
+
+    def _take_lease(self, run_id: str):
+        """One run at a time writes to a checkpoint storage: a second is refused, naming the first.
+        The driver renews the lease for as long as the run lasts (a thread); the workers' stores
+        check it before each commit."""
+        from moray.platform.checkpoint import LeaseHeldError, StorageLease
+
+        root = self.cfg.train.storage or self.run.checkpoints
+        lease = StorageLease(root, run_id, run_name=self.cfg.train.run_name,
+                             break_hint=f"`rm {root.rstrip('/')}/lease.json`")
         try:
-            trainer.fit()
-        except Exception as err:  # Ray Train gave up: max_failures exceeded or a fatal error
-            self.run.event("gave_up", error=_short(err))
-            raise RunFailed(self._give_up_message(err)) from None
-        halts = [e for e in self.run.read_events() if e["event"] == "halt"]
-        if halts and halts[-1]["time"] > submitted["time"]:
-            raise RunFailed(self._give_up_message(RuntimeError(halts[-1]["reason"] + f" at step {halts[-1]['step']}"),
-                                                  restarts=False))
-        metrics = self.run.read_metrics()
-        png = plot_loss(metrics, self.run.path / "loss.png", title=f"{t.run_name}: training loss")
-        return RunResult(self.run.path, metrics, self.run.read_events(), png)
+            lease.acquire()
+        except LeaseHeldError as err:
+            raise ConfigError(str(err)) from None
+        lease.start_heartbeat()
+        return lease
+
+    def _check_resume_target(self, resume: str) -> None:
+        """An explicit --resume PATH|STEP must name a committed checkpoint before any worker starts."""
+        if resume in ("auto", "never"):
+            return
+        from moray.platform.checkpoint import CheckpointError
+        from moray.platform.checkpoint import manifest as mf
+
+        store = self._store()
+        problems = []
+        try:  # the manifest only: the workers checksum the files as they load them
+            mf.read_manifest(store._locate(int(resume) if resume.isdigit() else resume))
+        except (CheckpointError, mf.ManifestError, OSError, ValueError) as err:
+            problems = [str(err)]
+        if problems:
+            steps = [e.step for e in store.list_checkpoints() if e.committed]
+            raise ConfigError(f"--resume {resume}: not a loadable checkpoint ({'; '.join(problems)[:500]}); "
+                              f"committed steps under {store.root}: {steps or 'none'}; "
+                              f"use one of them, a checkpoint path, auto or never")
 
     def _store(self):
         """A read-only view of the run's checkpoints from the driver (no process group)."""
@@ -150,15 +229,21 @@ class Controller:
         return CheckpointStore(self.cfg.train.storage or self.run.checkpoints, keep=self.cfg.train.keep_checkpoints,
                                rank=0, world_size=1, async_save=False)
 
-    def _give_up_message(self, err: BaseException, restarts: bool = True) -> str:
+    def _give_up_message(self, err: BaseException, restarts: bool = True, why: Optional[str] = None) -> str:
         store = self._store()
         step = store.latest_step()
         where = f"the last good checkpoint is step {step} in {store.root}" if step is not None else \
             "no checkpoint was committed"
-        why = f"stopped after {self.cfg.train.max_failures} restarts" if restarts else "halted"
+        why = why or (f"stopped after {self.cfg.train.max_failures} restarts" if restarts else "halted")
         return (f"run {self.cfg.train.run_name!r} {why}: "
                 f"{_short(err)}\n{where}; events: {self.run.events_path}\n"
                 f"resume with: python jobs/pretrain.py --config {self.run.path / 'config.yaml'} --resume auto")
+
+
+def _say(line: Optional[str]) -> None:
+    if line:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def _short(err: BaseException) -> str:

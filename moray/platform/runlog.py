@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -62,15 +64,15 @@ class RunDir:
             p.rename(dest / p.name)
         return dest
 
-    def is_retry(self) -> bool:
-        """True when a worker group already started since the last submit: Ray Train is restarting it."""
-        started = False
-        for e in read_jsonl(self.events_path):
-            if e.get("event") == "submit":
-                started = False
-            elif e.get("event") in ("start", "restart"):
-                started = True
-        return started
+    def run_id(self) -> str:
+        """This run's id, made on its first submission and kept by every later one (and by
+        --resume never's archive, which starts a new run): it names the run's checkpoint
+        temporaries and holds its storage lease. Called by the driver, which hands it on."""
+        path = self.path / "run_id"
+        if not path.exists():
+            name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.path.name)[:40]  # it becomes part of file names
+            path.write_text(f"{name}-{uuid.uuid4().hex[:12]}\n")
+        return path.read_text().strip()
 
     def last_logged_step(self) -> Optional[int]:
         steps = [m["step"] for m in read_jsonl(self.metrics_path) if "step" in m]
