@@ -10,7 +10,9 @@
 #   1. bench/gpu_checks.py: grouped_mm bf16 on ragged groups, flash+MQA, moray vs HF (fp32 and
 #      bf16 relative error, gradients, KV decode), torch.compile fullgraph
 #   2. bench/model_step.py on configs/bench-moe.yaml, bf16: moray vs MixtralForCausalLM
-#   3. bench/pretrain_step_gpu.py: MFU of TrainEngine's full step (fwd, bwd, clip, AdamW) vs HF + AdamW
+#   3. bench/pretrain_step_gpu.py: TrainEngine's bf16 step (bf16 weights, fp32 master + AdamW) on
+#      bench-moe: fails unless every expert product is torch._grouped_mm (no per-expert loop) and a
+#      step's host syncs are fewer than its MoE layers; MFU beside HF Mixtral + AdamW, and their ratio
 #   4. bench/model_step.py --compile: adds torch.compile(moray)
 # At most 5 files land in $OUT (the device tool brings back 8): gpu.log and one JSON per step.
 # GPU_STEPS="gpu_checks model_step" runs a subset. The step limits add up to more than one
@@ -82,23 +84,18 @@ if [[ $MODE == cpu ]]; then
   CHECKS=(--device cpu --layers 1)
   STEP=(--device cpu --config configs/tiny.yaml --batch 2 --seq 64 --warmup 1 --steps 2)
   COMPILE_STEP=("${STEP[@]}" --no-hf)
-  PRETRAIN=(--device cpu --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2)
+  PRETRAIN=(--device cpu --dtype bfloat16 --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2)
 else
   CHECKS=(--device cuda)
   STEP=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
   COMPILE_STEP=("${STEP[@]}")
-  PRETRAIN=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
+  PRETRAIN=(--device cuda --dtype bfloat16 --config configs/bench-moe.yaml --warmup 3 --steps 10)
 fi
 SUFFIX=$([[ $MODE == cpu ]] && echo cpu_smoke || echo cuda)
 
 step gpu_checks 180 "$PY" bench/gpu_checks.py "${CHECKS[@]}" --out "$OUT/gpu_checks_$SUFFIX.json"
 step model_step 240 "$PY" bench/model_step.py "${STEP[@]}" --out "$OUT/model_step_$SUFFIX.json"
-if [[ -f bench/pretrain_step_gpu.py ]]; then
-  step pretrain_step 240 "$PY" bench/pretrain_step_gpu.py "${PRETRAIN[@]}" --out "$OUT/pretrain_step_$SUFFIX.json"
-else
-  echo; echo "==== pretrain_step: bench/pretrain_step_gpu.py is not in this tree yet; skipped"
-  SUMMARY+=("$(printf '%-8s %-22s' skipped pretrain_step)")
-fi
+step pretrain_step 240 "$PY" bench/pretrain_step_gpu.py "${PRETRAIN[@]}" --out "$OUT/pretrain_step_$SUFFIX.json"
 step model_step_compile 360 "$PY" bench/model_step.py "${COMPILE_STEP[@]}" --compile \
   --out "$OUT/model_step_${SUFFIX}_compile.json"
 

@@ -2,14 +2,22 @@
 
 A full step is forward, backward, gradient clipping (global norm 1.0) and AdamW.
 Ours is `moray.parallel.TrainEngine.step` in a process group of one (nccl on
-CUDA, gloo on CPU), exactly what a training worker runs. The reference is
-Hugging Face's MixtralForCausalLM on the same initial weights (converted in
-memory), the same tokens, the same AdamW hyper-parameters (fused on CUDA) and
-clip_grad_norm_. Both keep float32 weights and run under bf16 autocast on CUDA,
-as the engine does, so the optimizer and memory compare like for like.
+CUDA, gloo on CPU), exactly what a training worker runs with train.dtype
+bfloat16: bf16 weights, activations and gradients, fp32 master weights and AdamW
+state (fused on CUDA). The reference is Hugging Face's MixtralForCausalLM on the
+same initial weights (converted in memory), the same tokens, the same AdamW
+hyper-parameters (fused on CUDA) and clip_grad_norm_, as its Trainer runs bf16:
+float32 weights under bf16 autocast.
 
     python bench/pretrain_step_gpu.py                                   # CPU: configs/bench-cpu.yaml, float32
-    python bench/pretrain_step_gpu.py --config configs/bench-moe.yaml   # GPU: bf16 autocast, 8 x 2048 tokens
+    python bench/pretrain_step_gpu.py --config configs/bench-moe.yaml   # GPU: bf16, 8 x 2048 tokens
+
+One more engine step, after the timed ones, checks the path it took: every
+expert product is torch._grouped_mm on bf16 (never the per-expert loop, which
+reads counts on the host), and on CUDA the host syncs of a whole step, counted
+with torch.cuda.set_sync_debug_mode("warn"), are fewer than the MoE layers (the
+step's one metrics read; at ep > 1 the count exchange adds one per layer). A
+failed check exits 1 after the JSON is written.
 
 The models run one after the other, not interleaved as in model_step.py: each
 holds 16 bytes per parameter (weights, grads, Adam), both at once would not fit
@@ -29,6 +37,7 @@ import json
 import os
 import socket
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +47,7 @@ import torch.nn.functional as F
 from model_common import (ROOT, device_peak_tflops, hf_twin, machine, measure_matmul_tflops,  # noqa: I001
                           model_config, sync, train_flops_per_token)
 from model_step import timed
+import moray.model.moe as moe
 from moray.model import count_params
 from moray.parallel import ParallelConfig, ParallelDims, TrainEngine
 from moray.platform.planner.memory import estimate_memory  # no pydantic, no yaml: checked with both absent
@@ -91,6 +101,46 @@ def hf_step_fn(hf, cfg, tokens: torch.Tensor, device: torch.device, bf16: bool):
     return step
 
 
+def check_grouped_path(engine, tokens: torch.Tensor, device: torch.device) -> dict:
+    """One engine step with spies: what reached the expert product, whether torch._grouped_mm ran and
+    the per-expert loop did not, and (CUDA) how many host syncs the step made."""
+    seen = {"grouped_mm": 0, "loop": 0, "dtypes": set()}
+    inner_mm, inner_loop, inner_kernel = moe.grouped_mm, moe._grouped_mm_loop, torch._grouped_mm
+
+    def grouped_mm(x, w, counts):
+        seen["dtypes"].add(str(x.dtype))
+        return inner_mm(x, w, counts)
+
+    def loop(*args):
+        seen["loop"] += 1
+        return inner_loop(*args)
+
+    def kernel(*args, **kwargs):
+        seen["grouped_mm"] += 1
+        return inner_kernel(*args, **kwargs)
+
+    moe.grouped_mm, moe._grouped_mm_loop, torch._grouped_mm = grouped_mm, loop, kernel
+    syncs = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            engine.step(tokens)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    finally:
+        moe.grouped_mm, moe._grouped_mm_loop, torch._grouped_mm = inner_mm, inner_loop, inner_kernel
+    n_moe = engine.model_cfg.n_layers if engine.model_cfg.is_moe else 0
+    want_dtype = str(engine.compute_dtype)
+    # At least the metrics read syncs: none counted means the counter, not the step, is broken.
+    ok = (seen["loop"] == 0 and (seen["grouped_mm"] > 0 or n_moe == 0) and seen["dtypes"] <= {want_dtype}
+          and (syncs is None or 1 <= syncs < max(n_moe, 2)))
+    return {"ok": ok, "grouped_mm_calls": seen["grouped_mm"], "per_expert_loop_calls": seen["loop"],
+            "expert_input_dtypes": sorted(seen["dtypes"]), "host_syncs_per_step": syncs, "moe_layers": n_moe}
+
+
 def row(name, first, walls, cpus, n_tokens, flops, peak, measured_peak, peak_bytes):
     med = statistics.median(walls)
     tflops = flops["total"] * n_tokens / med / 1e12
@@ -104,6 +154,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="preset (default: bench-moe on CUDA, bench-cpu on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="the engine's train.dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's micro_batch_size)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's seq_len)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3 on CUDA, 1 on CPU)")
@@ -120,11 +172,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    bf16 = device.type == "cuda"  # the engine's "bfloat16" is autocast over float32 weights
-    dtype = "bfloat16" if bf16 else "float32"
-    args.warmup = max(1, args.warmup or (3 if bf16 else 1))  # the first step builds optimizer state (compiles)
-    args.steps = args.steps or (10 if bf16 else 3)  # keeps the CPU default under a minute on 2 cores
-    cfg_path = args.config or str(ROOT / "configs" / ("bench-moe.yaml" if bf16 else "bench-cpu.yaml"))
+    cuda = device.type == "cuda"
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    bf16 = dtype == "bfloat16"
+    args.warmup = max(1, args.warmup or (3 if cuda else 1))  # the first step builds optimizer state (compiles)
+    args.steps = args.steps or (10 if cuda else 3)  # keeps the CPU default under a minute on 2 cores
+    cfg_path = args.config or str(ROOT / "configs" / ("bench-moe.yaml" if cuda else "bench-cpu.yaml"))
     cfg, train = model_config(cfg_path)
     batch, seq = args.batch or train.get("micro_batch_size", 4), args.seq_len or train.get("seq_len", 256)
     n_tokens = batch * seq
@@ -141,17 +194,21 @@ def main() -> None:
     errors, rows = {}, []
     first, walls, cpus = time_steps(lambda: engine.step(tokens)["loss"], device, args.warmup, args.steps)
     report = engine.memory_report()
-    ours_peak = torch.cuda.max_memory_allocated(device) if bf16 else report["total_peak"]
-    optimizer_kind = type(engine.optimizer.optimizers[0]).__name__
+    ours_peak = torch.cuda.max_memory_allocated(device) if cuda else report["total_peak"]
+    opt = engine.optimizer.optimizers[0]  # ZeroRedundancyOptimizer/MasterWeightAdamW, or the local one alone
+    optimizer_kind = "/".join(dict.fromkeys(type(o).__name__ for o in (opt, engine.optimizer._local(opt))))
+    # A compiled model does not call the Python functions the check spies on.
+    path = {"ok": True, "skipped": "--compile"} if args.compile else check_grouped_path(engine, tokens, device)
+    print(f"{'PASS' if path['ok'] else 'FAIL'}  engine path: {json.dumps(path)}", flush=True)
     del engine
     gc.collect()
-    if bf16:
+    if cuda:
         torch.cuda.empty_cache()
 
     peak, peak_source = device_peak_tflops(device, torch.bfloat16 if bf16 else torch.float32, args.peak_tflops)
     # A large bf16 matmul shows what this chip really sustains (H200: ~784 of 989); on the CPU the peak
     # above is already measured.
-    measured = measure_matmul_tflops(device, torch.bfloat16, n=8192) if bf16 else None
+    measured = measure_matmul_tflops(device, torch.bfloat16, n=8192) if cuda else None
     flops = train_flops_per_token(cfg, seq)
     rows.append(row("moray TrainEngine", first, walls, cpus, n_tokens, flops, peak, measured, ours_peak))
 
@@ -161,11 +218,11 @@ def main() -> None:
             del initial
             if args.compile:
                 hf.compile()
-            if bf16:
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             step = hf_step_fn(hf, cfg, tokens, device, bf16)
             first, walls, cpus = time_steps(step, device, args.warmup, args.steps)
-            hf_peak = torch.cuda.max_memory_allocated(device) if bf16 else None  # no CPU allocator stats
+            hf_peak = torch.cuda.max_memory_allocated(device) if cuda else None  # no CPU allocator stats
             rows.append(row("HF Mixtral", first, walls, cpus, n_tokens, flops, peak, measured, hf_peak))
         except Exception as err:  # noqa: BLE001 - keep our result when the reference cannot run
             errors["HF Mixtral"] = f"{type(err).__name__}: {err}"
@@ -173,6 +230,7 @@ def main() -> None:
     base = next((r for r in rows if r["model"] == "HF Mixtral"), None)
     for r in rows:
         r["speedup_vs_hf"] = base["step_s"] / r["step_s"] if base else None  # > 1: faster than HF
+        r["mfu_over_hf"] = r["mfu"] / base["mfu"] if base else None  # the same FLOPs: the speedup again
         r["memory_vs_hf"] = (r["max_memory_allocated"] / base["max_memory_allocated"]
                              if base and base["max_memory_allocated"] else None)
 
@@ -184,9 +242,9 @@ def main() -> None:
     result = {
         "benchmark": "pretrain_step", "machine": machine(device), "config": Path(cfg_path).name,
         "model": cfg.to_dict(), "params_total": n.total, "params_active": n.active, "dtype": dtype,
-        "autocast_bf16": bf16, "batch": batch, "seq_len": seq, "warmup": args.warmup, "steps": args.steps,
+        "hf_autocast_bf16": bf16, "batch": batch, "seq_len": seq, "warmup": args.warmup, "steps": args.steps,
         "parallel": par.to_dict(), "compile": args.compile, "engine_optimizer": optimizer_kind,
-        "hf_optimizer": f"torch.optim.AdamW(fused={bf16})",
+        "hf_optimizer": f"torch.optim.AdamW(fused={cuda})", "engine_path": path,
         "hyper": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
         "peak_tflops": peak, "peak_source": peak_source, "measured_matmul_tflops": measured,
         "flops_per_token": flops,
@@ -203,7 +261,7 @@ def main() -> None:
 
     gib = 2**30
     print(f"\npretrain_step: {Path(cfg_path).name}, {n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active), "
-          f"batch {batch} x {seq} tokens, {dtype}{' autocast' if bf16 else ''}, zero={args.zero}, "
+          f"batch {batch} x {seq} tokens, engine {dtype}{' (HF: autocast)' if bf16 else ''}, zero={args.zero}, "
           f"{'compiled, ' if args.compile else ''}{device} ({machine(device).get('gpu', 'cpu')})")
     print(f"peak {peak:.3f} TFLOP/s ({peak_source})"
           + (f"; measured bf16 matmul {measured:.0f} TFLOP/s" if measured else "")
@@ -222,8 +280,9 @@ def main() -> None:
               f"{fmt(r['max_memory_allocated'] and r['max_memory_allocated'] / gib, '.2f'):>10}"
               f"{fmt(r['speedup_vs_hf'], '.2f') + 'x':>8}{fmt(r['memory_vs_hf'], '.2f'):>8}"
               f"{r['cpu_s_median']:>8.2f}{r['first_loss']:>9.4f}")
-    print("vs HF: HF's median step time over this one (> 1: faster than HF); mem/HF: peak memory over HF's; "
-          "CPU s: process CPU seconds, steadier than wall time on a shared CPU")
+    print("vs HF: HF's median step time over this one (> 1: faster than HF; also our MFU over HF's); "
+          "mem/HF: peak memory over HF's; CPU s: process CPU seconds, steadier than wall time on a shared CPU")
+    raise SystemExit(0 if path["ok"] else 1)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,50 @@ def test_router_aux_losses_put_their_gradient_in_place():
     torch.testing.assert_close(moe.gate.weight.grad, W.grad, rtol=1e-5, atol=1e-7)
 
 
+def _top1_lm_loss(model, tokens):
+    return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_top1_router_learns_from_the_lm_loss_only_with_raw_probabilities(norm_topk_prob):
+    """Top-1 with renormalisation makes every routing weight exactly 1: the LM loss then gives the
+    router nothing, which is why Switch-style top-1 uses the raw probability (norm_topk_prob=false)."""
+    cfg = small(top_k=1, norm_topk_prob=norm_topk_prob, aux_loss_coef=0.0, z_loss_coef=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=3)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17))
+    _top1_lm_loss(model, tokens).backward()
+    gates = [b.feed_forward.gate.weight for b in model.layers.values()]
+    router_grad = max(g.grad.norm().item() for g in gates)
+    expert_grad = model.layers["0"].feed_forward.experts.w1.grad.norm().item()
+    if norm_topk_prob:
+        assert router_grad < 1e-6 * expert_grad
+        return
+    assert router_grad > 1e-3 * expert_grad
+    # Train the routers alone: the LM loss falls and the routing decisions move.
+    for p in model.parameters():
+        p.requires_grad_(p in set(gates))
+    before = [g.detach().clone() for g in gates]
+    opt = torch.optim.AdamW(gates, lr=5e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = _top1_lm_loss(model, tokens)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert all((g - b).abs().max() > 1e-2 for g, b in zip(gates, before))
+
+
+def test_mixtral_export_refuses_raw_top_k_probabilities():
+    from moray.model.hf_config import config_to_hf
+
+    with pytest.raises(ValueError, match="norm_topk_prob=false; Mixtral always rescales"):
+        config_to_hf(small(top_k=1, norm_topk_prob=False))
+    assert config_to_hf(small(top_k=1))["num_experts_per_tok"] == 1
+
+
 def test_grouped_mm_forward_and_backward_equal_the_per_expert_loop():
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 11, 1, 3])  # ragged, one expert empty

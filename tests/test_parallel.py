@@ -5,6 +5,7 @@ single-process loss (and router losses, gradient norm, tokens per expert)
 within 1e-4 relative, the same step-1 gradients within 1e-5 of the largest,
 and the same parameters after 3 steps within 1e-5. Checkpoints saved under one
 layout load under another and step 4 is the single process's step 4.
+All of it in float32; bf16 runs are tests/test_bf16.py's.
 
 Processes are the expensive part on 2 shared cores, so there is one spawn per
 world size (2, then 4, then 1: checkpoints flow in that order) running every
@@ -40,7 +41,6 @@ LAYOUTS = {
         "pp2_interleaved": dict(parallel=dict(pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2)),
         "pp2_checkpointing": dict(parallel=dict(pp=2, microbatches=4, activation_checkpointing=True)),
         "ep2_checkpointing": dict(parallel=dict(ep=2, microbatches=2, activation_checkpointing=True)),
-        "pp2_bf16": dict(parallel=dict(pp=2, microbatches=4), dtype="bfloat16"),
         "tp2": dict(parallel=dict(tp=2, microbatches=4)),
         "tp2_dense_gqa": dict(parallel=dict(tp=2, microbatches=4), model=dict(n_experts=1, n_kv_heads=2)),
     },
@@ -70,8 +70,7 @@ def _engine(rank: int, world: int, spec: dict):
 
     pcfg = ParallelConfig(**spec["parallel"])
     dims = ParallelDims.from_config(pcfg, world)
-    return TrainEngine(tiny_config(**spec.get("model", {})), pcfg, dims, rank, "cpu", seed=SEED,
-                       dtype=spec.get("dtype", "float32"), **OPTIM)
+    return TrainEngine(tiny_config(**spec.get("model", {})), pcfg, dims, rank, "cpu", seed=SEED, **OPTIM)
 
 
 def _share(engine, tokens: torch.Tensor) -> torch.Tensor:
@@ -197,7 +196,7 @@ def check_matches(per_rank, reference, label: str, steps=(0, 1, 2)) -> dict:
     return report
 
 
-EQUIVALENT = [name for world in WORLD_ORDER for name in LAYOUTS[world] if name != "pp2_bf16"]
+EQUIVALENT = [name for world in WORLD_ORDER for name in LAYOUTS[world]]
 
 
 @pytest.mark.parametrize("name", EQUIVALENT)
@@ -224,11 +223,6 @@ def test_pipeline_follows_a_batch_size_ramp(run_layout):
 
 def test_whole_weights_load_into_sharded_layout(run_layout):
     assert all(r["reload_full_equal"] for r in run_layout("tp2_ep2"))
-
-
-def test_bfloat16_autocast_trains_close_to_float32(run_layout, reference):
-    for out, want in zip(run_layout("pp2_bf16")[0]["outs"], reference("pp2_bf16")["steps"]):
-        assert not out["skipped"] and rel(out["loss"], want["loss"]) < 2e-2, (out["loss"], want["loss"])
 
 
 def test_nonfinite_step_is_skipped_on_every_rank(run_layout):

@@ -38,6 +38,10 @@ class ModelConfig:
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     n_experts: int = 1  # 1 = dense feed-forward
     top_k: int = 2  # experts per token; ignored when n_experts == 1
+    # Rescale the top_k router probabilities to sum to 1 (Mixtral does). At top_k 1 that makes the
+    # weight exactly 1 and the router gets no gradient from the LM loss, so top-1 (Switch) uses the
+    # raw probability: set false there.
+    norm_topk_prob: bool = True
     capacity_factor: Optional[float] = None  # None = dropless; else slots = cf * tokens * top_k / experts
     aux_loss_coef: float = 0.01  # Switch-Transformer load-balancing loss weight
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight (keeps router logits small)

@@ -97,6 +97,9 @@ def config_to_hf(cfg: ModelConfig, dtype: Optional[torch.dtype] = None) -> dict:
         _fail("n_experts=1 is a dense model; Hugging Face Mixtral needs n_experts >= 2")
     if cfg.mlp != "swiglu":
         _fail(f"mlp={cfg.mlp!r}; Mixtral experts are swiglu")
+    if not cfg.norm_topk_prob:  # MixtralConfig has no such field: its router always renormalises
+        _fail("norm_topk_prob=false; Mixtral always rescales the top_k router weights to sum to 1, so the "
+              "exported model would compute something else; export only models trained with norm_topk_prob=true")
     rope_params: Dict[str, object] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     legacy = None
     s = cfg.rope_scaling

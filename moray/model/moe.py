@@ -77,7 +77,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if not x.is_cuda and _grouped_mm_ok(x, w):
         return _GroupedMM.apply(x, w, counts.cumsum(0).to(torch.int32))
-    # Fallback: one product per expert (never per token).
+    return _grouped_mm_loop(x, w, counts)
+
+
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The fallback: one product per expert (never per token). It reads counts on the host (a
+    device sync per call), so the GPU checks assert a bf16 step never gets here."""
     chunks = torch.split(x, counts.tolist())
     return torch.cat([c @ w[g] for g, c in enumerate(chunks)]) if len(chunks) else x.new_zeros(0, w.shape[-1])
 
@@ -182,6 +187,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = cfg.n_experts, cfg.top_k, cfg.capacity_factor
+        self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)  # the router
         self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.ffn_hidden, cfg.mlp)
         # The objective is mean over MoE layers of each loss, so each layer carries coef / L.
@@ -202,7 +208,8 @@ class MoE(nn.Module):
         logits = self.gate(xf).float()  # (N, E); routing in float32
         probs = logits.softmax(-1)
         weights, expert_ids = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = weights / weights.sum(-1, keepdim=True)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
 
         balance = load_balancing_loss(probs, expert_ids, self.n_experts)
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()

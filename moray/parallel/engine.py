@@ -8,8 +8,13 @@ Building (torchtitan's order, each step an apply_* from outside the model):
 the whole Transformer on the meta device -> cut to this rank's pipeline
 stage(s) -> keep this rank's experts (EP) -> materialise and init_weights (keyed
 by name and global expert id, so every part gets the whole model's values) ->
-split heads and FFN columns (TP) -> activation checkpointing -> optimizer
-(data parallel, ZeRO-1).
+split heads and FFN columns (TP) -> cast to the compute dtype -> activation
+checkpointing -> optimizer (data parallel, ZeRO-1).
+
+dtype "bfloat16" is bf16 end to end: weights, activations, what crosses the
+expert all-to-all and the pipeline, and gradients; the optimizer keeps fp32
+master weights and AdamW state for its ZeRO share (mixed_precision.py).
+"float32" is float32 throughout.
 
 A step: the local batch is split into `microbatches` equal contiguous chunks;
 each chunk's loss is its mean next-token cross-entropy divided by the number of
@@ -45,7 +50,8 @@ from moray.parallel.sharding import full_tensor, local_view, param_specs, to_dte
 from moray.parallel.tensor_parallel import apply_tp
 from moray.parallel.zero import DataParallelOptimizer
 
-OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")  # "master": bf16 runs only
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_schedule(parallel_cfg: ParallelConfig, dims: ParallelDims) -> None:
@@ -61,8 +67,10 @@ def check_schedule(parallel_cfg: ParallelConfig, dims: ParallelDims) -> None:
 
 
 def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, rank: int,
-                      meshes, device: torch.device, seed: int) -> List[Transformer]:
-    """This rank's stage(s), materialised: only its layers, experts and tensor shards."""
+                      meshes, device: torch.device, seed: int,
+                      dtype: torch.dtype = torch.float32) -> List[Transformer]:
+    """This rank's stage(s), materialised: only its layers, experts and tensor shards, in `dtype`
+    (initialised in float32 first, so every dtype starts from the same values)."""
     c = dims.coords(rank)
     virtual = virtual_stages_of(parallel_cfg) if dims.pp > 1 else 1
     n_stages = dims.pp * virtual
@@ -78,6 +86,7 @@ def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims
             part.tie_weights()
         part.init_weights(seed)
         apply_tp(part, meshes.group("tp"), c.tp, dims.tp)
+        part.to(dtype)
         if parallel_cfg.activation_checkpointing:
             apply_activation_checkpointing(part)
         part.stage_index = sid
@@ -139,7 +148,7 @@ class TrainEngine:
         if (p.tp, p.pp, p.ep) != (dims.tp, dims.pp, dims.ep) or (p.dp is not None and p.dp != dims.dp):
             raise LayoutError(f"parallel config (tp {p.tp}, pp {p.pp}, ep {p.ep}, dp {p.dp}) disagrees with dims "
                               f"{dims.describe()}; build dims with ParallelDims.from_config(parallel_cfg, world_size)")
-        if dtype not in ("float32", "bfloat16"):
+        if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use float32 or bfloat16")
         virtual = virtual_stages_of(p) if dims.pp > 1 else 1
         dims.validate(model_cfg, virtual_stages=virtual)
@@ -150,22 +159,24 @@ class TrainEngine:
         self.coords = dims.coords(rank)
         self.grad_clip = grad_clip
         self.dtype = dtype
+        self.compute_dtype = DTYPES[dtype]
         self.num_microbatches = p.num_microbatches
         self.meshes = dims.build_mesh(self.device.type)
-        self.model_parts = build_model_parts(model_cfg, p, dims, rank, self.meshes, self.device, seed)
+        self.model_parts = build_model_parts(model_cfg, p, dims, rank, self.meshes, self.device, seed,
+                                             self.compute_dtype)
         for part in self.model_parts:
             set_aux_grad_scale(part, 1.0 / self.num_microbatches)
         self._params = param_specs(self.model_parts, dims)
         self.optimizer = DataParallelOptimizer(self._params, dims, self.meshes, self.coords, lr=lr, betas=betas,
-                                               eps=eps, weight_decay=weight_decay, zero=p.zero)
+                                               eps=eps, weight_decay=weight_decay, zero=p.zero,
+                                               master_weights=self.compute_dtype != torch.float32)
         self._stats = _RouterStats(self.model_parts, model_cfg.n_experts, self.device)
         self.bubble_fraction = bubble_fraction(dims.pp, self.num_microbatches, virtual)
         self.measured_bubble_fraction: Optional[float] = None
         self._pipeline = None
         if dims.pp > 1:
             self._pipeline = PipelineRunner(self.model_parts, model_cfg, p, dims.pp, self.meshes.group("pp"),
-                                            self.device, torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                                            self._loss_fn)
+                                            self.device, self.compute_dtype, self._loss_fn)
         self._grad_bytes = self._activation_peak = 0
         self._bubble_local = 0.0
 
@@ -213,9 +224,7 @@ class TrainEngine:
             meter = SavedTensorMeter(p for p, _ in self._params.values())
         elif self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16"
-                    else contextlib.nullcontext())
-        with meter or contextlib.nullcontext(), autocast:
+        with meter or contextlib.nullcontext():
             losses = self._forward_backward(inputs, targets)
         if meter is not None:
             self._activation_peak = meter.peak
@@ -275,11 +284,12 @@ class TrainEngine:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat dict for torch.distributed.checkpoint, sharing storage with the engine.
 
-        "model.<fqn>": every local parameter; "optim.<fqn>.exp_avg" / "exp_avg_sq" / "step": the
-        AdamW state this rank keeps (its ZeRO share). Shards are DTensors (experts Shard(0) over ep,
-        tensor-parallel shards Shard(dim) over tp), so DCP reshards into any layout. Because the
-        values alias the engine's tensors, `dcp.load(engine.state_dict(), ...)` restores the engine
-        in place; load_state_dict(sd) then has nothing left to copy (calling it is still right).
+        "model.<fqn>": every local parameter (in the compute dtype); "optim.<fqn>.exp_avg" /
+        "exp_avg_sq" / "step", and in bf16 runs "master" (the fp32 weight): the AdamW state this rank
+        keeps (its ZeRO share). Shards are DTensors (experts Shard(0) over ep, tensor-parallel shards
+        Shard(dim) over tp), so DCP reshards into any layout. Because the values alias the engine's
+        tensors, `dcp.load(engine.state_dict(), ...)` restores the engine in place; load_state_dict(sd)
+        then has nothing left to copy (calling it is still right).
         """
         sd: Dict[str, torch.Tensor] = {}
         for fqn, (p, spec) in self._params.items():
@@ -287,27 +297,40 @@ class TrainEngine:
         for fqn, st in self.optimizer.owned_state().items():
             spec = self._params[fqn][1]
             for k in OPTIM_KEYS:
-                sd[f"optim.{fqn}.{k}"] = to_dtensor(st[k], spec, self.meshes) if k != "step" else st[k]
+                if k in st:
+                    sd[f"optim.{fqn}.{k}"] = to_dtensor(st[k], spec, self.meshes) if k != "step" else st[k]
         return sd
 
     @torch.no_grad()
     def load_state_dict(self, sd: Dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy `sd` into the engine. Values may be this layout's (DTensor or local shards, e.g. after
         dcp.load into state_dict()) or whole tensors (full_state_dict of any layout), which are cut
-        to this rank's shard. strict=False allows missing optimizer keys (weights only)."""
+        to this rank's shard. strict=False allows missing optimizer keys (weights only).
+
+        Either dtype loads into either: values are cast. A bf16 engine given no master weight (a
+        float32 checkpoint, or weights only) starts its master from "model.<fqn>" as given, so a
+        float32 weight is kept exactly; a float32 engine ignores master keys and takes the weights
+        (the masters are ZeRO shards a replica may not have, and replicas must agree). Through DCP
+        (which casts on load), a float32 checkpoint into a bf16 engine needs a template without the
+        "optim.*.master" keys the checkpoint lacks; never load partially into the full template: its
+        masters would keep their initial values and the next step would write them back."""
         from torch.distributed.tensor import DTensor
 
-        targets = {f"model.{fqn}": (p.data, spec) for fqn, (p, spec) in self._params.items()}
+        # key -> (destination, spec, the key to read when key is absent)
+        targets = {f"model.{fqn}": (p.data, spec, None) for fqn, (p, spec) in self._params.items()}
         for fqn, st in self.optimizer.owned_state().items():
             for k in OPTIM_KEYS:
-                targets[f"optim.{fqn}.{k}"] = (st[k], self._params[fqn][1])
-        missing = [k for k in targets if k not in sd and (strict or k.startswith("model."))]
+                if k in st:
+                    targets[f"optim.{fqn}.{k}"] = (st[k], self._params[fqn][1],
+                                                   f"model.{fqn}" if k == "master" else None)
+        missing = [k for k, (_, _, fallback) in targets.items()
+                   if k not in sd and fallback not in sd and (strict or k.startswith("model."))]
         if missing:
             raise KeyError(f"state dict lacks {len(missing)} of this rank's keys, e.g. {missing[:3]}")
-        for key, (dst, spec) in targets.items():
-            if key not in sd:
+        for key, (dst, spec, fallback) in targets.items():
+            src = sd.get(key, sd.get(fallback) if fallback else None)
+            if src is None:
                 continue
-            src = sd[key]
             if isinstance(src, DTensor):
                 src = src.to_local()
             if src.shape != dst.shape and dst.dim() > 0:

@@ -155,13 +155,13 @@ class PipelineRunner:
 
     Stages are built with example inputs and outputs (static shapes: torch's metadata inference
     would otherwise run the model once on uninitialised tensors), for one microbatch shape, and
-    rebuilt when it changes (a batch-size ramp). Activations between stages are float32 (the
-    residual stream keeps the parameters' dtype under autocast); logits are the compute dtype."""
+    rebuilt when it changes (a batch-size ramp). Activations between stages (and their gradients)
+    and the logits are in `dtype`, the model's: bf16 runs send bf16."""
 
     def __init__(self, parts: Sequence, cfg: ModelConfig, parallel_cfg: ParallelConfig, pp: int, group,
-                 device: torch.device, logits_dtype: torch.dtype, loss_fn: Callable):
+                 device: torch.device, dtype: torch.dtype, loss_fn: Callable):
         self.parts, self.cfg, self.parallel_cfg, self.pp, self.group = parts, cfg, parallel_cfg, pp, group
-        self.device, self.logits_dtype, self.loss_fn = device, logits_dtype, loss_fn
+        self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
         self.n_stages = pp * len(parts)
         self.has_first = any(part.stage_index == 0 for part in parts)
         self.has_last = any(part.stage_index == self.n_stages - 1 for part in parts)
@@ -169,7 +169,7 @@ class PipelineRunner:
         self._clock = [0.0]
 
     def _build(self, microbatch: int, seq_len: int):
-        hidden = dict(dtype=torch.float32, device=self.device, requires_grad=True)
+        hidden = dict(dtype=self.dtype, device=self.device, requires_grad=True)
         stage_cls = _timed_stage_class()
         stages = []
         for part in self.parts:
@@ -179,8 +179,7 @@ class PipelineRunner:
             else:
                 example_in = torch.empty(microbatch, seq_len, self.cfg.d_model, **hidden)
             if sid == self.n_stages - 1:
-                example_out = torch.empty(microbatch, seq_len, self.cfg.vocab_size,
-                                          **{**hidden, "dtype": self.logits_dtype})
+                example_out = torch.empty(microbatch, seq_len, self.cfg.vocab_size, **hidden)
             else:
                 example_out = torch.empty(microbatch, seq_len, self.cfg.d_model, **hidden)
             stage = stage_cls(part, sid, self.n_stages, self.device, input_args=example_in,

@@ -14,10 +14,12 @@ squares of what it holds if it is the first copy of that tensor (dp rank 0 for
 dense, edp rank 0 for experts, tp rank 0 for what tp does not split); one sum
 over the world then covers pp stages, tp shards and expert shards.
 
-Optimizer. AdamW, weight decay on matrices only (norm weights are exempt).
-zero=1 shards the state with ZeroRedundancyOptimizer: dense parameters over dp,
-experts over edp (the only ranks with the same experts); zero=0 keeps all state
-on every rank.
+Optimizer. AdamW, weight decay on matrices only (norm weights are exempt);
+with bf16 parameters, MasterWeightAdamW (fp32 master weights and state, see
+mixed_precision.py). zero=1 shards the state with ZeroRedundancyOptimizer:
+dense parameters over dp, experts over edp (the only ranks with the same
+experts); zero=0 keeps all state on every rank. All state lives on the
+parameters' device.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moray.parallel.dims import Coords, Meshes, ParallelDims
+from moray.parallel.mixed_precision import MasterWeightAdamW, adamw_options, new_adamw_state
 from moray.parallel.sharding import ParamSpec
 
 BUCKET_BYTES = 64 << 20  # gradient all-reduces go in flat buckets of at most this size
@@ -62,9 +65,10 @@ def _all_reduce_flat(tensors: List[torch.Tensor], group) -> None:
 class DataParallelOptimizer:
     def __init__(self, named: Dict[str, Tuple[nn.Parameter, ParamSpec]], dims: ParallelDims,
                  meshes: Meshes, coords: Coords, *, lr: float, betas: Sequence[float], eps: float,
-                 weight_decay: float, zero: int):
+                 weight_decay: float, zero: int, master_weights: bool = False):
         self.named, self.dims, self.meshes, self.coords = named, dims, meshes, coords
         self.zero = zero
+        optim_class = MasterWeightAdamW if master_weights else torch.optim.AdamW
         self.fqn_of = {id(p): fqn for fqn, (p, _) in named.items()}
         self.optimizers: List[torch.optim.Optimizer] = []
         kinds = [[(p, s) for p, s in named.values() if s.expert == expert] for expert in (False, True)]
@@ -75,17 +79,15 @@ class DataParallelOptimizer:
             groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
             groups = [g for g in groups if g["params"]]
-            # One fused kernel for the whole update on the GPU (what HF's baseline uses too);
-            # the CPU keeps the reference implementation the equivalence tests compare against.
-            fused = {"fused": True} if params[0].is_cuda else {}
+            fused = adamw_options(params[0].device)
             if zero:
                 from torch.distributed.optim import ZeroRedundancyOptimizer
 
                 group = meshes.group(kind[0][1].replica_group)
-                opt = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, process_group=group,
+                opt = ZeroRedundancyOptimizer(groups, optim_class, process_group=group,
                                               lr=lr, betas=tuple(betas), eps=eps, **fused)
             else:
-                opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
+                opt = optim_class(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
             self.optimizers.append(opt)
         self._init_state()
 
@@ -112,7 +114,8 @@ class DataParallelOptimizer:
                 torch._foreach_div_(grads, float(self.dims.dp))
 
     def local_norm_sq(self) -> torch.Tensor:
-        """This rank's share of the global squared gradient norm (float64; sum it over the world)."""
+        """This rank's share of the global squared gradient norm (float64; sum it over the world).
+        Each tensor's norm is taken in float32 whatever the gradients' dtype."""
         mine = []
         for p, s in self.named.values():
             first_copy = (self.coords.edp if s.expert else self.coords.dp) == 0
@@ -122,7 +125,7 @@ class DataParallelOptimizer:
                 mine.append(p.grad.detach())
         if not mine:
             return torch.zeros((), dtype=torch.float64, device=self._device())
-        return torch.stack([n.double() for n in torch._foreach_norm(mine)]).pow(2).sum()
+        return torch.stack([n.double() for n in torch._foreach_norm(mine, dtype=torch.float32)]).pow(2).sum()
 
     def scale_gradients(self, factor: float) -> None:
         grads = [p.grad for p, _ in self.named.values() if p.grad is not None]
@@ -145,17 +148,14 @@ class DataParallelOptimizer:
         return getattr(opt, "optim", opt)
 
     def _init_state(self) -> None:
-        """Create AdamW's state now (as its first step would), so checkpoints have templates."""
+        """Create AdamW's state now (as its first step would), so checkpoints have templates.
+        MasterWeightAdamW makes its own when it is built."""
         for opt in self.optimizers:
             local = self._local(opt)
             for g in local.param_groups:
                 for p in g["params"]:
                     if not local.state.get(p):
-                        local.state[p] = {
-                            "step": torch.tensor(0.0, dtype=torch.float32),
-                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                        }
+                        local.state[p] = new_adamw_state(p, master=False)
 
     def owned_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """fqn -> AdamW state, for the parameters whose state this rank keeps."""

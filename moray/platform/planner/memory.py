@@ -1,10 +1,14 @@
 """Per-GPU memory of one training rank: weights, gradients, optimizer state, activations.
 
-Bytes per parameter (`dtype`):
+Bytes per parameter (`dtype`), as moray.parallel's TrainEngine holds them
+(tests/test_bf16.py compares its memory_report with this):
   float32   4 weights + 4 grads + 8 Adam (m, v) = 16; no master copy (CPU runs).
   bfloat16  2 bf16 weights + 2 bf16 grads + 12 optimizer (fp32 master, m, v) = 16:
             the ZeRO paper's count (Rajbhandari et al. 2020: "2 + 2 + K, K = 12").
-            Megatron's distributed optimizer keeps fp32 main grads (18); we count 16.
+            Megatron's distributed optimizer keeps fp32 main grads (18); the engine
+            makes an fp32 copy of a gradient only inside the optimizer step, for its
+            own shard, when the activations are already freed.
+AdamW's step counter (4 bytes per tensor, not per element) is left out.
 ZeRO-1 shards the optimizer part (master + Adam) over the data-parallel group:
 dense parameters over dp, expert parameters over the expert-data-parallel
 group dp / ep (expert parallelism is carved out of data parallelism).
