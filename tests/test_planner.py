@@ -280,33 +280,150 @@ def gpt4_model_only(tmp_path_factory) -> str:
     return str(f)
 
 
-def test_model_only_config_gets_every_section(gpt4_model_only, capsys):
+@pytest.fixture(scope="module")
+def gpt4_model_only_plan(gpt4_model_only) -> dict:
+    """The model-only config on 16,384 H100s, every training input left to the planner."""
+    cfg = load_config(gpt4_model_only)
+    return build_plan(resolve_request(cfg, gpu="h100-80gb", gpus=16_384, seed_check=False,
+                                      options={"simulate_trials": 0}))
+
+
+def test_model_only_config_gets_every_section(gpt4_model_only, gpt4_model_only_plan, capsys):
     code, out, err = run_cli("plan", "--config", gpt4_model_only, "--gpus", "16384", "--gpu", "h100-80gb",
-                             "--no-seed-check", capsys=capsys)
+                             "--no-seed-check", "--simulate-trials", "0", capsys=capsys)
     assert code == 0 and err == ""
     for heading in ("\nModel\n", "\nTraining: ", "\nMemory per GPU: ", "\nLayouts on 16,384 GPUs", "\nInference: ",
                     "\nGoodput: "):
         assert heading in out, heading
     assert "total parameters           1.87T" in out and "KV cache per token         61,440 bytes" in out
-    assert re.search(r"\n  days +[0-9.e-]+ ", out) and "\n  cost " in out
-    # The default layout (tp 1 x pp 1 x ep 1) cannot hold 1.87T parameters; the plan says so and trains
-    # with the fastest layout that fits, by name, in the memory and training sections alike.
-    assert re.search(r"as configured +tp1 pp1 ep1 dp16384, micro-batch 4: [\d,.]+ GiB on stage 0, does NOT fit", out)
-    assert "why not          needs " in out and "runs instead     tp1 pp64 ep8 dp256" in out
-    assert "layout                   tp1 pp64 ep8 dp256, the fastest layout that fits 16,384 x h100-80gb" in out
-    assert "the days are for it" in out
-
-    plan = plan_json("--config", gpt4_model_only, "--gpus", "16384", "--gpu", "h100-80gb", "--no-seed-check",
-                     "--price-per-gpu-hour", "2", capsys=capsys)
+    # The default layout (tp 1 x pp 1 x ep 1) cannot run: 16,384 data-parallel ranks want more sequences
+    # than the planned batch holds. The plan says so and trains with the fastest layout that fits, by
+    # name, in the memory and training sections alike.
+    plan = gpt4_model_only_plan
     mem, t = plan["memory"], plan["training"]
-    assert mem["configured"]["runnable"] is False and "GiB usable on h100-80gb" in mem["configured"]["problem"]
     best = plan["layouts"]["feasible"][0]
-    assert mem["chosen"]["label"] == t["layout"] == f"tp{best['tp']} pp{best['pp']} ep{best['ep']} dp{best['dp']}"
+    label = f"tp{best['tp']} pp{best['pp']} ep{best['ep']} dp{best['dp']}"
+    assert "as configured    tp 1 x pp 1 x ep 1 on 16,384 GPUs: not runnable" in out
+    assert "why not          dp 16384 x seq_len 8192 is more than the global batch" in out
+    assert f"runs instead     {label}" in out
+    assert f"layout                   {label}, the fastest layout that fits 16,384 x h100-80gb" in out
+    assert "the days are for it" in out
+    assert mem["configured"]["runnable"] is False and "global batch" in mem["configured"]["problem"]
+    assert mem["chosen"]["label"] == t["layout"] == label
     assert mem["layout"]["gpus"] == t["gpus"] == 16_384 and mem["bytes_per_gpu"] <= mem["usable_bytes_per_gpu"]
-    assert t["days"] == pytest.approx(t["training_flops_with_attention"] / (16_384 * 989e12 * 0.40) / 86400)
-    assert t["cost_usd"] == pytest.approx(2 * t["gpu_hours"])
     assert plan["model"]["kv_cache_bytes_per_token"] == plan["inference"]["kv_cache_bytes_per_token"] == 61_440
     assert "error" not in plan["goodput"] and plan["goodput"]["gpus"] == 16_384
+
+
+def test_model_only_config_plans_a_pretraining_run(gpt4_model_only, gpt4_model_only_plan):
+    """No train section: Chinchilla's tokens at 8k in bf16, priced at the catalogue's assumed rate,
+    each figure saying where it came from."""
+    from moray.platform.planner.report import render_plan
+
+    plan = gpt4_model_only_plan
+    model_cfg = load_config(gpt4_model_only).model
+    active = count_params(model_cfg).active
+    t, mem, inputs = plan["training"], plan["memory"], plan["inputs"]
+    assert t["tokens"] == 20 * active and "20 x active parameters (Chinchilla)" in t["tokens_source"]
+    assert t["seq_len_tokens"] == plan["model"]["seq_len_tokens"] == 8192 == model_cfg.max_seq_len
+    assert "model.max_seq_len" in t["seq_len_assumed"]
+    # bf16 memory: 2-byte weights and grads, fp32 master and Adam (16 bytes before ZeRO).
+    assert mem["dtype"] == "bfloat16" and mem["bytes_per_param"] == 16 and "train.dtype" in mem["dtype_assumed"]
+    assert all(s["weights_bytes"] == 2 * s["params"] for s in mem["stages"])
+    # Days from first principles: 3 x forward FLOPs (attention at 8k counted) x 20 N / (GPUs x peak x MFU).
+    flops = 3 * flops_per_token(model_cfg, 8192) * 20 * active
+    days = flops / (16_384 * 989e12 * 0.40) / 86400
+    assert t["days"] == pytest.approx(days) and 5 < days < 60  # weeks, not minutes (the seed's 13T: ~100 days)
+    price = get_accelerator("h100-80gb").price_per_gpu_hour
+    assert price and t["price_usd_per_gpu_hour"] == price and t["cost_usd"] == pytest.approx(price * t["gpu_hours"])
+    assert t["price_assumed"] == "assumed for h100-80gb; pass --price-per-gpu-hour"
+    assert plan["inference"]["price_assumed"] == t["price_assumed"]
+    # The batch: DeepSeek LLM's 0.292 x C^0.3271, whole sequences; the layouts are searched with it.
+    assert t["batch_tokens"] % 8192 == 0 and t["batch_tokens"] == inputs["batch_tokens"]
+    assert t["batch_tokens"] == pytest.approx(0.292 * t["training_flops_with_attention"] ** 0.3271, abs=8192)
+    assert "set train.batch_tokens" in t["batch_assumed"]
+    out = render_plan(plan, "model only")
+    for line in (f"  tokens                   {t['tokens'] / 1e12:.3g}T  (20 x active parameters (Chinchilla); "
+                 "pass --tokens)",
+                 "  sequence length          8,192 tokens  (assumed: model.max_seq_len; set train.seq_len)",
+                 f"at ${price:g}/GPU-hour (assumed for h100-80gb; pass --price-per-gpu-hour)",
+                 "  dtype            bfloat16 (assumed: large runs train in bfloat16; set train.dtype)",
+                 "(assumed: 0.292 x C^0.3271 at C = ", "at 8,192 tokens (assumed, see Training)"):
+        assert line in out, line
+    assert re.search(r"\n  cost +\$[\d.,]+M  \(6ND: \$[\d.,]+M\) at \$", out)
+
+
+def test_planning_defaults_only_fill_what_the_file_leaves_out(gpt4_model_only):
+    """A train section's own keys win; `model_fields_set` tells 'not in the file' from 'the default'."""
+    assert load_config(gpt4_model_only).train.model_fields_set == set()
+    assert load_config(gpt4_model_only, ["train.dtype=float32"]).train.model_fields_set == {"dtype"}
+    r = resolve_request(load_config(gpt4_model_only, ["train.dtype=float32", "train.seq_len=4096"]),
+                        gpu="h100-80gb", gpus=1920, seed_check=False)
+    assert (r.dtype, r.dtype_assumed, r.seq_len, r.seq_len_assumed) == ("float32", None, 4096, None)
+    capped = resolve_request(load_config(gpt4_model_only, ["model.max_seq_len=32768"]), gpu="h100-80gb",
+                             gpus=1920, seed_check=False)
+    assert capped.seq_len == 8192 and "model.max_seq_len 32,768 capped at 8,192" in capped.seq_len_assumed
+    # A file that gives a batch keeps it (and then plans its own steps' tokens, as before).
+    given = resolve_request(load_config(gpt4_model_only, ["train.batch_tokens=16777216"]), gpu="h100-80gb",
+                            gpus=1920, seed_check=False)
+    assert (given.batch_tokens, given.batch_assumed) == (16_777_216, None)
+    assert given.tokens_source.startswith("train.max_steps 100 x the configured batch")
+
+
+def test_a_config_with_max_steps_keeps_the_trainers_token_count(gpt4_model_only):
+    """train.max_steps in the file: tokens are that run's, max_steps x dp x micro-batch x microbatches
+    x seq_len, as before the planning defaults; no planned batch."""
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    t = build_plan(resolve_request(cfg, seed_check=False, options={"simulate_trials": 0}))["training"]
+    assert t["tokens"] == 300 * 2 * 4 * 4 * 128 == 1_228_800  # tiny on 4 workers: dp 2 (pp 2), 4 microbatches
+    assert t["tokens_source"] == "train.max_steps 300 x the configured batch; pass --tokens"
+    assert "batch_tokens" not in t
+    r = resolve_request(load_config(gpt4_model_only, ["train.max_steps=10"]), gpu="h100-80gb", gpus=1920,
+                        seed_check=False)
+    dp = r.layout.chosen.layout.dp
+    assert r.batch_tokens is None and r.tokens == 10 * dp * 4 * 2 * r.seq_len  # pp 1: 2 microbatches
+
+
+def test_an_explicit_price_wins_over_the_catalogue(capsys):
+    def priced(*sets, **kw):
+        cfg = load_config(CONFIGS / "tiny.yaml", list(sets))
+        return build_plan(resolve_request(cfg, gpu="h100-80gb", seed_check=False, options={"simulate_trials": 0},
+                                          **kw))["training"]
+
+    assumed = priced()
+    assert assumed["price_usd_per_gpu_hour"] == get_accelerator("h100-80gb").price_per_gpu_hour
+    assert assumed["price_assumed"] == "assumed for h100-80gb; pass --price-per-gpu-hour"
+    for t, price in ((priced("cluster.price_per_gpu_hour=1.25"), 1.25),
+                     (priced("cluster.price_per_gpu_hour=1.25", price_per_gpu_hour=0.5), 0.5)):
+        assert t["price_usd_per_gpu_hour"] == price and t["price_assumed"] is None
+        assert t["cost_usd"] == pytest.approx(price * t["gpu_hours"])
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--gpu", "h100-80gb",
+                           "--price-per-gpu-hour", "0.5", "--no-seed-check", "--simulate-trials", "0", capsys=capsys)
+    assert code == 0 and re.search(r"\n  cost .* at \$0\.5/GPU-hour\n", out) and "assumed for" not in out
+
+    def serving(**kw):
+        cfg = load_config(CONFIGS / "tiny.yaml")
+        s = build_plan(resolve_request(cfg, gpu="h100-80gb", serve_gpu="h200", seed_check=False,
+                                       options={"simulate_trials": 0}, **kw))["inference"]
+        return s["price_usd_per_gpu_hour"], s["price_assumed"]
+
+    # Serving on another card: its own assumed price, unless the request names one.
+    assert serving() == (get_accelerator("h200").price_per_gpu_hour, "assumed for h200; pass --price-per-gpu-hour")
+    assert serving(price_per_gpu_hour=0.5) == (0.5, None)
+    assert get_accelerator("cpu").price_per_gpu_hour is None  # a nominal CPU worker has no list price
+    code, out, _ = run_cli("plan", "--config", str(CONFIGS / "tiny.yaml"), "--no-seed-check", "--simulate-trials",
+                           "0", capsys=capsys)
+    assert "cost                     n/a: pass --price-per-gpu-hour" in out
+
+
+def test_configured_layout_that_does_not_fit_says_why(gpt4_model_only, capsys):
+    """With a batch large enough for 16,384 ranks, tp 1 x pp 1 x ep 1 runs but cannot hold 1.87T parameters."""
+    code, out, _ = run_cli("plan", "--config", gpt4_model_only, "--gpus", "16384", "--gpu", "h100-80gb",
+                           "--set", "train.batch_tokens=536870912", "--tokens", "13T", "--no-seed-check",
+                           "--simulate-trials", "0", capsys=capsys)
+    assert code == 0
+    assert re.search(r"as configured +tp1 pp1 ep1 dp16384, micro-batch 4: [\d,.]+ GiB on stage 0, does NOT fit", out)
+    assert "why not          needs " in out and "runs instead     tp" in out
 
 
 def test_gpus_not_divisible_by_the_layout(capsys):
@@ -419,7 +536,10 @@ def test_catalogue_extends_from_yaml(tmp_path):
                  "    intra_node_gb_per_s: 100\n    inter_node_gb_per_s: 25\n    source: test\n")
     cat = load_catalogue(f)
     assert cat["h100-nvl"].peak_flops == 989e12 and cat["h100-nvl"].memory_gib == 94
-    assert cat["tpu-x"].peak_flops == 100e12
+    assert cat["tpu-x"].peak_flops == 100e12 and cat["tpu-x"].price_per_gpu_hour is None
+    assert cat["h100-nvl"].price_per_gpu_hour == cat["h100-80gb"].price_per_gpu_hour  # inherited from the base
+    f.write_text("accelerators:\n  h100-spot:\n    base: h100-80gb\n    price_per_gpu_hour: 1.1\n")
+    assert load_catalogue(f)["h100-spot"].price_per_gpu_hour == 1.1
     f.write_text("accelerators:\n  x:\n    peak_tflop: 1\n")
     with pytest.raises(PlanError, match="unknown keys"):
         load_catalogue(f)

@@ -6,7 +6,12 @@
 
 Every input comes from a flag, else the config (`cluster.gpu`,
 `cluster.gpus_per_node`, `cluster.price_per_gpu_hour`, `cluster.peak_flops`,
-`train.*`, `parallel.*`), else a default the report names. Sections: model,
+`train.*`, `parallel.*`), else a default the report names. What the file
+leaves out of a training run is planned, not taken from the trainer's CPU-test
+defaults (planner/defaults.py): 20 tokens per active parameter (Chinchilla)
+unless it sets train.max_steps or a batch, model.max_seq_len up to 8k, bf16,
+DeepSeek LLM's batch for that compute, the catalogue's assumed price per
+GPU-hour. Each such figure says so in the report. Sections: model,
 training, memory (the configured layout; when it cannot run on the cluster,
 why, and the best layout that can, which the days are then for), layouts (all
 feasible ones), inference, goodput, seed_check; `--json` prints them as one
@@ -50,12 +55,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, help="GPUs for training (default: cluster.num_workers, else the fewest "
                                             "on which the configured layout fits)")
     g.add_argument("--gpus-per-node", type=int, help="default cluster.gpus_per_node")
-    g.add_argument("--price-per-gpu-hour", type=float, metavar="USD", help="default cluster.price_per_gpu_hour")
+    g.add_argument("--price-per-gpu-hour", type=float, metavar="USD",
+                   help="default cluster.price_per_gpu_hour, else the catalogue's assumed list price")
     g.add_argument("--accelerators", metavar="FILE.yaml", help="extra or changed accelerators (catalogue.py)")
     g.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of a GPU's memory tensors may fill (default 0.9)")
     g = p.add_argument_group("training")
-    g.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 13T (default: train.max_steps x batch)")
+    g.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 13T (default: train.max_steps x batch "
+                   "if the file sets either, else 20 x active parameters, Chinchilla)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.35 (default 0.40)")
     g.add_argument("--days", type=float, help="a training duration: report the MFU it implies")
     g = p.add_argument_group("inference")

@@ -5,8 +5,9 @@ Pure Python on top of the config dataclasses: no torch, no Ray, no GPU.
     from moray.platform.planner import estimate_memory, flops_per_token, peak_flops, pipeline_bubble
 
 Modules: catalogue (accelerators), flops, memory (per-rank bytes), activations, steptime,
-layouts (check and search), inference, seed_check, plan (request + sections),
-sections, report (human text), plot. `moray plan` is moray.platform.cli_plan.
+layouts (check and search), inference, seed_check, plan (request + sections), defaults
+(what a plan assumes where the config file is silent), sections, report (human text), plot.
+`moray plan` is moray.platform.cli_plan.
 """
 
 from moray.platform.planner.catalogue import Accelerator, get_accelerator, load_catalogue, peak_flops

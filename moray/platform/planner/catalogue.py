@@ -13,6 +13,10 @@ Conventions (every entry follows them, and a YAML extension must too):
   by the step-time and decode models (H200: ~784 of 989 TFLOP/s measured on
   our own lent machine, see DESIGN.md; 0.8 elsewhere, the same ballpark; cpu:
   a 1024^2 float32 matmul on one core of our CI machine ran at 128 GFLOP/s).
+- `price_per_gpu_hour`: USD per device-hour, an ASSUMPTION, not a datasheet
+  figure: a round typical on-demand list price of late 2026, for a plan whose
+  config and flags name no price. `cluster.price_per_gpu_hour` and
+  `--price-per-gpu-hour` win over it; the report says when it was used.
 
 The "cpu" entry is NOMINAL, so that CPU test runs report an MFU at all: one
 Ray CPU worker ~ one core with two AVX-512 FMA units at ~3 GHz (2 x 16 lanes x
@@ -28,7 +32,8 @@ Extend with `moray plan --accelerators FILE.yaml`:
         source: "NVIDIA H100 NVL product brief"
 
 Keys: peak_tflops, memory_gib, memory_bandwidth_gb_per_s, intra_node_gb_per_s,
-inter_node_gb_per_s, matmul_efficiency, source (all required without `base`).
+inter_node_gb_per_s, source (all required without `base`), matmul_efficiency
+(default 0.8), price_per_gpu_hour (default none).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class Accelerator:
     inter_node_bandwidth: float  # bytes/s per device per direction (InfiniBand / RoCE)
     matmul_efficiency: float
     source: str
+    price_per_gpu_hour: Optional[float] = None  # USD, assumed (see the module docstring); None: unknown
 
     @property
     def memory_bytes(self) -> float:
@@ -69,11 +75,12 @@ class Accelerator:
             "inter_node_bytes_per_s": self.inter_node_bandwidth,
             "matmul_efficiency": self.matmul_efficiency,
             "source": self.source,
+            "price_usd_per_gpu_hour": self.price_per_gpu_hour,
         }
 
 
-def _acc(name, tflops, gib, hbm_gbs, intra_gbs, inter_gbs, source, eff=0.8) -> Accelerator:
-    return Accelerator(name, tflops * 1e12, gib, hbm_gbs * GB, intra_gbs * GB, inter_gbs * GB, eff, source)
+def _acc(name, tflops, gib, hbm_gbs, intra_gbs, inter_gbs, source, eff=0.8, price=None) -> Accelerator:
+    return Accelerator(name, tflops * 1e12, gib, hbm_gbs * GB, intra_gbs * GB, inter_gbs * GB, eff, source, price)
 
 
 _A100 = ("NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): BF16 312 TFLOPS dense, "
@@ -81,21 +88,23 @@ _A100 = ("NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.
 _H100 = ("NVIDIA H100 datasheet (SXM): BF16 1,979 TFLOPS with sparsity = 989 dense, 3.35 TB/s, "
          "NVLink 900 GB/s; DGX H100: 8x 400 Gb/s NDR")
 
+# `price=`: assumed on-demand USD per GPU-hour, round figures from cloud list prices of late 2026
+# (not datasheets; see the module docstring). The nominal cpu worker has none.
 BUILTIN: Mapping[str, Accelerator] = {
     a.name: a
     for a in (
-        _acc("a100-40gb", 312, 40, 1555, 300, 25, _A100 + "; 40 GB HBM2 at 1,555 GB/s"),
-        _acc("a100-80gb", 312, 80, 2039, 300, 25, _A100 + "; 80 GB HBM2e at 2,039 GB/s"),
-        _acc("h100-80gb", 989, 80, 3350, 450, 50, _H100 + "; 80 GB HBM3"),
+        _acc("a100-40gb", 312, 40, 1555, 300, 25, _A100 + "; 40 GB HBM2 at 1,555 GB/s", price=1.5),
+        _acc("a100-80gb", 312, 80, 2039, 300, 25, _A100 + "; 80 GB HBM2e at 2,039 GB/s", price=2.0),
+        _acc("h100-80gb", 989, 80, 3350, 450, 50, _H100 + "; 80 GB HBM3", price=3.0),
         _acc("h200", 989, 141, 4800, 450, 50,
              "NVIDIA H200 datasheet (SXM): BF16 989 TFLOPS dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s",
-             eff=0.79),
+             eff=0.79, price=3.5),
         _acc("b200", 2250, 180, 8000, 900, 50,
              "NVIDIA HGX B200 spec (1,000 W): BF16 4.5 PFLOPS with sparsity = 2.25 dense, 180 GB HBM3e at "
-             "8 TB/s, NVLink 5 1.8 TB/s; DGX B200: 8x 400 Gb/s"),
+             "8 TB/s, NVLink 5 1.8 TB/s; DGX B200: 8x 400 Gb/s", price=5.0),
         _acc("mi300x", 1307.4, 192, 5300, 448, 50,
              "AMD Instinct MI300X data sheet: BF16 1,307.4 TFLOPS dense, 192 GB HBM3 at 5.3 TB/s, "
-             "Infinity Fabric 896 GB/s aggregate peer bandwidth"),
+             "Infinity Fabric 896 GB/s aggregate peer bandwidth", price=2.5),
         _acc("cpu", 0.192, 16, 20, 10, 12.5,
              "nominal, not a datasheet: one Ray CPU worker ~ one AVX-512 core (2 FMA x 16 lanes x 2 x 3 GHz), "
              "16 GiB, 20 GB/s DRAM, 10 GB/s gloo in a node, 100 GbE between nodes; override cluster.peak_flops",
@@ -110,6 +119,7 @@ _YAML_KEYS = {  # YAML key -> (field, scale to the field's unit)
     "intra_node_gb_per_s": ("intra_node_bandwidth", GB),
     "inter_node_gb_per_s": ("inter_node_bandwidth", GB),
     "matmul_efficiency": ("matmul_efficiency", 1.0),
+    "price_per_gpu_hour": ("price_per_gpu_hour", 1.0),
     "source": ("source", None),
 }
 
@@ -158,7 +168,8 @@ def _from_yaml(name: str, spec: object, catalogue: Mapping[str, Accelerator], pa
         base = get_accelerator(str(base_name), catalogue)
         values.setdefault("source", f"{base.source} (modified in {path.name})")
         return replace(base, name=name, **values)
-    missing = [k for k, (f, _) in _YAML_KEYS.items() if f not in values and k != "matmul_efficiency"]
+    missing = [k for k, (f, _) in _YAML_KEYS.items()
+               if f not in values and k not in ("matmul_efficiency", "price_per_gpu_hour")]
     if missing:
         raise PlanError(f"{where}: missing {missing} (or give 'base: <known accelerator>' to start from one)")
     values.setdefault("matmul_efficiency", 0.8)

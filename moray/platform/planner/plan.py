@@ -13,7 +13,9 @@ layout that does not fit, a serving layout that does not divide the heads)
 never hides the others. Only a malformed request fails as a whole, in
 `resolve_request`. The request carries the training layout, decided once
 (`layouts.check_layout`): the configured one when it runs on the cluster, else
-the best that does; days, cost, memory and goodput are all for it.
+the best that does; days, cost, memory and goodput are all for it. It also
+carries the training inputs as planned: the file's, else a planning default
+(defaults.py) whose `*_assumed` reason the report prints beside the figure.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from moray.platform.planner import defaults
 from moray.platform.planner.catalogue import Accelerator, get_accelerator, load_catalogue
 from moray.platform.planner.errors import PlanError
 from moray.platform.planner.layouts import LayoutCheck, check_layout, fewest_gpus
@@ -43,6 +46,15 @@ class PlanRequest:
     mfu_source: str
     tokens: float
     tokens_source: str
+    # The training inputs as planned: the file's, else a planning default, whose reason is
+    # `*_assumed` (None: the file, or a flag, gave it). See defaults.py.
+    seq_len: int
+    seq_len_assumed: Optional[str]
+    dtype: str
+    dtype_assumed: Optional[str]
+    batch_tokens: Optional[int]  # None: the trainer's, dp x micro-batch x microbatches
+    batch_assumed: Optional[str]
+    price_assumed: Optional[str]
     days: Optional[float] = None  # a duration to turn into an implied MFU
     usable_fraction: float = DEFAULT_USABLE_FRACTION
     serve_accelerator: Optional[Accelerator] = None
@@ -61,9 +73,9 @@ class PlanRequest:
         c = self.config
         return Workload(
             model=c.model, accelerator=accelerator or self.accelerator,
-            gpus_per_node=gpus_per_node or self.gpus_per_node, seq_len=c.train.seq_len,
-            micro_batch_size=c.train.micro_batch_size, batch_tokens=c.train.batch_tokens,
-            microbatches=c.parallel.microbatches, dtype=c.train.dtype, zero=c.parallel.zero,
+            gpus_per_node=gpus_per_node or self.gpus_per_node, seq_len=self.seq_len,
+            micro_batch_size=c.train.micro_batch_size, batch_tokens=self.batch_tokens,
+            microbatches=c.parallel.microbatches, dtype=self.dtype, zero=c.parallel.zero,
             schedule=c.parallel.schedule, virtual_stages=c.parallel.virtual_stages,
             usable_fraction=self.usable_fraction, activation_checkpointing=c.parallel.activation_checkpointing,
         )
@@ -119,11 +131,13 @@ def inputs_section(r: PlanRequest) -> dict:
     return {
         "accelerator": r.accelerator.to_dict(),
         "gpus": r.gpus, "gpus_source": r.gpus_source, "gpus_per_node": r.gpus_per_node,
-        "price_usd_per_gpu_hour": r.price_per_gpu_hour,
+        "price_usd_per_gpu_hour": r.price_per_gpu_hour, "price_assumed": r.price_assumed,
         "mfu": r.mfu, "mfu_source": r.mfu_source,
         "tokens": r.tokens, "tokens_source": r.tokens_source,
-        "seq_len_tokens": c.train.seq_len, "micro_batch_size": c.train.micro_batch_size,
-        "batch_tokens": c.train.batch_tokens, "dtype": c.train.dtype,
+        "seq_len_tokens": r.seq_len, "seq_len_assumed": r.seq_len_assumed,
+        "micro_batch_size": c.train.micro_batch_size,
+        "batch_tokens": r.batch_tokens, "batch_assumed": r.batch_assumed,
+        "dtype": r.dtype, "dtype_assumed": r.dtype_assumed,
         "usable_memory_fraction": r.usable_fraction,
     }
 
@@ -135,7 +149,7 @@ def resolve_request(config: Any, *, gpu: Optional[str] = None, gpus: Optional[in
                     serve_tp: Optional[int] = None, serve_pp: Optional[int] = None, context: Optional[int] = None,
                     usable_fraction: float = DEFAULT_USABLE_FRACTION, seed_check: bool = True,
                     options: Optional[Mapping[str, Any]] = None) -> PlanRequest:
-    """Fill every input from the flags, else the config, else a stated default."""
+    """Fill every input from the flags, else the config file, else a stated default."""
     cluster, train = config.cluster, config.train
     catalogue = load_catalogue(accelerators)
     accelerator = get_accelerator(gpu or cluster.gpu, catalogue)
@@ -156,20 +170,44 @@ def resolve_request(config: Any, *, gpu: Optional[str] = None, gpus: Optional[in
         raise PlanError(f"--mfu is a fraction of peak, in (0, 1] (got {mfu}); e.g. --mfu 0.35")
     if not 0 < usable_fraction <= 1:
         raise PlanError(f"--memory-fraction must be in (0, 1] (got {usable_fraction})")
+    price, price_assumed = _resolve_price(price_per_gpu_hour, cluster.price_per_gpu_hour, accelerator)
+    seq_len, seq_len_assumed = defaults.planned_seq_len(config)
+    dtype, dtype_assumed = defaults.planned_dtype(config, accelerator)
     request = PlanRequest(
         config=config, accelerator=accelerator, catalogue=catalogue, gpus=0, gpus_source="",
-        gpus_per_node=per_node,
-        price_per_gpu_hour=price_per_gpu_hour if price_per_gpu_hour is not None else cluster.price_per_gpu_hour,
-        mfu=mfu if mfu is not None else DEFAULT_MFU,
+        gpus_per_node=per_node, price_per_gpu_hour=price, price_assumed=price_assumed,
+        seq_len=seq_len, seq_len_assumed=seq_len_assumed, dtype=dtype, dtype_assumed=dtype_assumed,
+        batch_tokens=train.batch_tokens, batch_assumed=None, mfu=mfu if mfu is not None else DEFAULT_MFU,
         mfu_source="--mfu" if mfu is not None else "assumed; pass --mfu",
         tokens=0.0, tokens_source="", days=days, usable_fraction=usable_fraction,
         serve_accelerator=get_accelerator(serve_gpu, catalogue) if serve_gpu else accelerator,
         serve_tp=serve_tp, serve_pp=serve_pp, context=context, seed_check=seed_check, options=dict(options or {}),
     )
+    # A file that gives a step count or a batch describes a run of the trainer: its tokens are
+    # that run's. Otherwise the run is planned: Chinchilla's tokens, DeepSeek's batch for them.
+    trainer_run = defaults.file_sets(train, "max_steps") or defaults.file_sets_batch(config)
+    if tokens is not None:
+        request.tokens, request.tokens_source = float(tokens), "--tokens"
+    elif not trainer_run:
+        request.tokens, request.tokens_source = defaults.chinchilla_tokens(config.model)
+    if not trainer_run:
+        request.batch_tokens, request.batch_assumed = defaults.planned_batch_tokens(config.model, request.tokens,
+                                                                                    seq_len)
     request.gpus, request.gpus_source = _resolve_gpus(request, gpus)
     request.layout = check_layout(request.workload(), p.tp, p.pp, p.ep, request.gpus)
-    request.tokens, request.tokens_source = _resolve_tokens(request, tokens)
+    if not request.tokens_source:  # the trainer's steps, on the layout that trains
+        request.tokens, request.tokens_source = _steps_tokens(request)
     return request
+
+
+def _resolve_price(flag: Optional[float], configured: Optional[float],
+                   accelerator: Accelerator) -> tuple[Optional[float], Optional[str]]:
+    """--price-per-gpu-hour, else cluster.price_per_gpu_hour, else the catalogue's assumed price."""
+    if flag is not None:
+        return flag, None
+    if configured is not None:
+        return configured, None
+    return defaults.planned_price(accelerator)
 
 
 def _resolve_gpus(r: PlanRequest, gpus: Optional[int]) -> tuple[int, str]:
@@ -188,23 +226,22 @@ def _resolve_gpus(r: PlanRequest, gpus: Optional[int]) -> tuple[int, str]:
     return p.tp * p.pp * p.ep, "parallel tp x pp x ep: no cluster size fits it; pass --gpus"
 
 
-def _resolve_tokens(r: PlanRequest, tokens: Optional[float]) -> tuple[float, str]:
-    if tokens is not None:
-        return float(tokens), "--tokens"
+def _steps_tokens(r: PlanRequest) -> tuple[float, str]:
+    """train.max_steps x the batch, ramp included, as the trainer would run them."""
     from moray.platform.schedule import batch_sequences_at
 
-    t, p = r.config.train, r.config.parallel
+    t, p, seq_len = r.config.train, r.config.parallel, r.seq_len
     chosen = r.layout.chosen
     dp = chosen.layout.dp if chosen is not None else max(1, r.gpus // (p.tp * p.pp))  # the layout that trains
     unit = dp * t.micro_batch_size * p.num_microbatches  # as the trainer rounds a step's sequences
     seen, step = 0, 0
     while step < t.max_steps and seen < t.batch_ramp_tokens:  # the ramp, step by step
-        seen += t.seq_len * batch_sequences_at(seen, seq_len=t.seq_len, unit=unit, batch_tokens=t.batch_tokens,
-                                               batch_tokens_start=t.batch_tokens_start,
-                                               batch_ramp_tokens=t.batch_ramp_tokens)
+        seen += seq_len * batch_sequences_at(seen, seq_len=seq_len, unit=unit, batch_tokens=t.batch_tokens,
+                                             batch_tokens_start=t.batch_tokens_start,
+                                             batch_ramp_tokens=t.batch_ramp_tokens)
         step += 1
-    full = t.seq_len * batch_sequences_at(seen, seq_len=t.seq_len, unit=unit, batch_tokens=t.batch_tokens,
-                                          batch_tokens_start=t.batch_tokens_start,
-                                          batch_ramp_tokens=t.batch_ramp_tokens)
+    full = seq_len * batch_sequences_at(seen, seq_len=seq_len, unit=unit, batch_tokens=t.batch_tokens,
+                                        batch_tokens_start=t.batch_tokens_start,
+                                        batch_ramp_tokens=t.batch_ramp_tokens)
     seen += (t.max_steps - step) * full
     return float(seen), f"train.max_steps {t.max_steps:,} x the configured batch; pass --tokens"

@@ -14,6 +14,7 @@ from typing import Dict, List
 
 from moray.platform.planner.layouts import search_layouts
 from moray.platform.planner.plan import PlanRequest
+from moray.platform.planner.units import count
 
 DAY = 86400.0
 
@@ -90,10 +91,10 @@ def write_plot(r: PlanRequest, plan: Dict[str, dict], path: str, title: str) -> 
     ax_days.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax_days.set_ylabel("training days")
     tokens = plan["training"]["tokens"]
-    ax_days.set_title(f"days to train on {tokens / 1e12:g}T tokens" if tokens >= 1e12 else
-                      f"days to train on {tokens:.3g} tokens")
+    ax_days.set_title(f"days to train on {count(tokens)} tokens")
     price = r.price_per_gpu_hour
-    ax_cost.set_ylabel("cost, million USD" + (f" at ${price:g}/GPU-hour" if price else " (no price given)"))
+    ax_cost.set_ylabel("cost, million USD" + (f" at ${price:g}/GPU-hour" if price else " (no price given)")
+                       + (" (assumed)" if price and r.price_assumed else ""))
     ax_cost.set_title("cost (labels: modelled MFU)")
     tallest = max(costs + [c / 1e6 for c in data["modelled_cost_usd"]] + [0])
     ax_cost.set_ylim(0, tallest * 1.15 or 1)

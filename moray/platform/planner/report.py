@@ -40,7 +40,8 @@ def render_model(m: dict) -> List[str]:
         ("active per token", f"{count(m['active_params'])}  ({pct(m['active_share'])} of total; {moe}; "
                              f"{count(m['params_per_expert'])} per expert over {m['n_layers']} layers)"),
         ("forward FLOPs per token", f"{si(m['forward_flops_per_token'], 'FLOP')} at {m['seq_len_tokens']:,} tokens "
-                                    f"= {si(m['forward_matmul_flops_per_token'], 'FLOP')} (2 x active) + "
+                                    + ("(assumed, see Training) " if m.get("seq_len_assumed") else "")
+                                    + f"= {si(m['forward_matmul_flops_per_token'], 'FLOP')} (2 x active) + "
                                     f"{si(m['forward_attention_flops_per_token'], 'FLOP')} attention scores"),
         ("  a dense model this size", si(m["dense_equivalent_forward_flops_per_token"], "FLOP")),
         ("KV cache per token", f"{m['kv_cache_bytes_per_token']:,} bytes ({m['kv_cache_dtype']} values, serve.dtype)"),
@@ -54,10 +55,16 @@ def render_training(t: dict) -> List[str]:
     layout = (f"{t['layout']} (as configured)" if t["layout_as_configured"] else
               f"{t['layout']}, {t['layout_source']}; the days are for it (see Memory)" if t["layout"] else
               f"{t['layout_source']}: the days count all {t['cluster_gpus']:,} as if one did (see Memory)")
+    cost = "n/a: pass --price-per-gpu-hour"
+    if t["cost_usd"] is not None:
+        cost = (f"{money(t['cost_usd'])}  (6ND: {money(t['cost_usd_6nd'])}) at ${t['price_usd_per_gpu_hour']:g}"
+                "/GPU-hour" + (f" ({t['price_assumed']})" if t.get("price_assumed") else ""))
     items = [
         ("GPUs", f"{t['gpus']:,}  ({t['gpus_source']})" + (f"; {idle:,} of {t['cluster_gpus']:,} idle" if idle else "")),
         ("layout", layout),
         ("tokens", f"{count(t['tokens'])}  ({t['tokens_source']})"),
+    ] + ([("sequence length", f"{t['seq_len_tokens']:,} tokens  ({t['seq_len_assumed']})")]
+         if t.get("seq_len_assumed") else []) + [
         ("training FLOPs (6ND)", sci(t["training_flops"])),
         ("  with attention scores", f"{sci(t['training_flops_with_attention'])}  "
                                     f"(+{pct(t['attention_share'] / (1 - t['attention_share']))})"),
@@ -65,8 +72,7 @@ def render_training(t: dict) -> List[str]:
         ("MFU", f"{pct(t['mfu'])}  ({t['mfu_source']}; PaLM's definition: attention counted)"),
         ("GPU-hours", f"{num(t['gpu_hours'])}  (6ND: {num(t['gpu_hours_6nd'])})"),
         ("days", f"{num(t['days'])}  (6ND: {num(t['days_6nd'])})"),
-        ("cost", f"{money(t['cost_usd'])}  (6ND: {money(t['cost_usd_6nd'])}) at ${t['price_usd_per_gpu_hour']:g}"
-                 "/GPU-hour" if t["cost_usd"] is not None else "n/a: pass --price-per-gpu-hour"),
+        ("cost", cost),
     ]
     if t.get("implied_mfu") is not None:
         items.append((f"MFU implied by {t['given_days']:g} days",
@@ -74,7 +80,8 @@ def render_training(t: dict) -> List[str]:
     if t.get("batch_tokens"):
         per_expert = t.get("batch_tokens_per_expert")
         items.append(("batch", f"{t['batch_tokens']:,} tokens = {t['batch_sequences']:,.0f} sequences"
-                               + (f"; {per_expert:,.0f} tokens per expert" if per_expert else "")))
+                               + (f"; {per_expert:,.0f} tokens per expert" if per_expert else "")
+                               + (f"  ({t['batch_assumed']})" if t.get("batch_assumed") else "")))
     return lines + pairs(items)
 
 
@@ -103,7 +110,10 @@ def render_memory(m: dict) -> List[str]:
         status = "fits" if conf["fits"] else "does NOT fit"
         as_configured = ("" if conf["runnable"] else f"{conf['label']}, ") + (
             f"{_variant(conf)}: {gib(conf['bytes_per_gpu']):,.2f} GiB on stage {conf['stage']}, {status} ({usable})")
-    lines = heading(title) + _line("as configured", as_configured, wrap=not conf["runnable"])
+    lines = heading(title)
+    if m.get("dtype_assumed"):
+        lines += _line("dtype", f"{m['dtype']} ({m['dtype_assumed']})")
+    lines += _line("as configured", as_configured, wrap=not conf["runnable"])
     if conf["problem"]:
         lines += _line("why not", conf["problem"])
     if chosen is None:
@@ -174,7 +184,8 @@ def render_inference(s: dict) -> List[str]:
                      f"on each GPU; room for {s['kv_cache_capacity_tokens']:,} tokens"),
         ("largest batch", f"{s['max_batch']:,} sequences at {s['context_tokens']:,} tokens"),
         ("compute ceiling", f"{s['compute_bound_tokens_per_s']:,.0f} tokens/s at the matmul efficiency"),
-    ])
+    ] + ([("price", f"${s['price_usd_per_gpu_hour']:g}/GPU-hour ({s['price_assumed']})")]
+         if s.get("price_assumed") else []))
     rows = [[f"{d['batch']:,}", f"{d['memory_bound_s'] * 1e3:,.1f}", f"{d['compute_bound_s'] * 1e3:,.1f}", d["bound"],
              f"{d['experts_touched_per_layer']:.1f}", f"{d['tokens_per_s']:,.0f}",
              "n/a" if d["cost_usd_per_1k_tokens"] is None else f"${d['cost_usd_per_1k_tokens']:.4f}"]

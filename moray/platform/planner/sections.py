@@ -6,10 +6,11 @@ Keys are snake_case with the unit in the name (`_bytes`, `_flops`, `_s`,
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 from moray.model.params import count_params, expert_params
 from moray.parallel.config import ParallelConfig
+from moray.platform.planner import defaults
 from moray.platform.planner.flops import (attention_flops_per_token, flops_per_token, pipeline_bubble,
                                           training_flops, training_flops_with_attention)
 from moray.platform.planner.inference import (SERVE_DTYPE_BYTES, ServePlan, ServeSetup, default_serving_layout,
@@ -26,8 +27,17 @@ def serving_bytes(r: PlanRequest) -> int:
     return SERVE_DTYPE_BYTES[r.config.serve.dtype]
 
 
+def serving_price(r: PlanRequest) -> Tuple[Optional[float], Optional[str]]:
+    """USD per serving GPU-hour and why: a price the request names, else the serving
+    accelerator's assumed one (it may not be the training one: --serve-gpu)."""
+    acc = r.serve_accelerator or r.accelerator
+    if r.price_assumed is None and r.price_per_gpu_hour is not None:
+        return r.price_per_gpu_hour, None
+    return defaults.planned_price(acc)
+
+
 def model_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
-    cfg, seq = r.model, r.config.train.seq_len
+    cfg, seq = r.model, r.seq_len
     pc = count_params(cfg)
     attention = attention_flops_per_token(cfg, seq)
     return {
@@ -42,7 +52,7 @@ def model_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "active_expert_params": pc.active_experts,
         "params_per_expert": cfg.n_layers * expert_params(cfg),
         "n_experts": cfg.n_experts, "top_k": cfg.active_experts, "n_layers": cfg.n_layers,
-        "seq_len_tokens": seq,
+        "seq_len_tokens": seq, "seq_len_assumed": r.seq_len_assumed,
         "forward_flops_per_token": flops_per_token(cfg, seq),
         "forward_matmul_flops_per_token": 2.0 * pc.active,
         "forward_attention_flops_per_token": attention,
@@ -56,17 +66,18 @@ def model_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
 def training_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     """Days and cost at the assumed MFU on the GPUs the training layout uses (all of the
     cluster when no layout fits: the memory section says so)."""
-    cfg, t = r.model, r.config.train
+    cfg, seq, batch = r.model, r.seq_len, r.batch_tokens
     peak = r.accelerator.peak_flops
     chosen = r.layout.chosen
     gpus = chosen.layout.gpus if chosen is not None else r.gpus
-    with_attention = training_flops_with_attention(cfg, r.tokens, t.seq_len)
+    with_attention = training_flops_with_attention(cfg, r.tokens, seq)
     papers = training_flops(cfg, r.tokens)
     gpu_hours = with_attention / (peak * r.mfu) / 3600
     gpu_hours_6nd = papers / (peak * r.mfu) / 3600
     price = r.price_per_gpu_hour
     out = {
-        "tokens": r.tokens, "tokens_source": r.tokens_source, "seq_len_tokens": t.seq_len,
+        "tokens": r.tokens, "tokens_source": r.tokens_source, "seq_len_tokens": seq,
+        "seq_len_assumed": r.seq_len_assumed,
         "training_flops": papers,
         "training_flops_with_attention": with_attention,
         "attention_share": 1 - papers / with_attention,
@@ -80,16 +91,17 @@ def training_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "cost_usd": gpu_hours * price if price is not None else None,
         "gpu_hours_6nd": gpu_hours_6nd, "days_6nd": gpu_hours_6nd / gpus / 24,
         "cost_usd_6nd": gpu_hours_6nd * price if price is not None else None,
-        "price_usd_per_gpu_hour": price,
+        "price_usd_per_gpu_hour": price, "price_assumed": r.price_assumed,
         "implied_mfu": None, "implied_mfu_6nd": None, "given_days": r.days,
     }
     if r.days is not None:
         seconds = r.days * 86400 * gpus * peak
         out["implied_mfu"], out["implied_mfu_6nd"] = with_attention / seconds, papers / seconds
-    if t.batch_tokens is not None:
-        out["batch_tokens"] = t.batch_tokens
-        out["batch_sequences"] = t.batch_tokens / t.seq_len
-        out["batch_tokens_per_expert"] = t.batch_tokens * cfg.active_experts / cfg.n_experts if cfg.is_moe else None
+    if batch is not None:
+        out["batch_tokens"] = batch
+        out["batch_sequences"] = batch / seq
+        out["batch_tokens_per_expert"] = batch * cfg.active_experts / cfg.n_experts if cfg.is_moe else None
+        out["batch_assumed"] = r.batch_assumed
     return out
 
 
@@ -114,7 +126,7 @@ def memory_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "chosen": _layout_dict(chosen) if chosen is not None else None,
         "chosen_source": check.chosen_source,
         "alternatives": check.alternatives,
-        "dtype": w.dtype,
+        "dtype": w.dtype, "dtype_assumed": r.dtype_assumed,
         "bytes_per_param": prec.weight + prec.grad + prec.master + prec.adam,
         "memory_bytes_per_gpu": r.accelerator.memory_bytes,
         "usable_bytes_per_gpu": w.usable_bytes,
@@ -174,13 +186,14 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     acc = r.serve_accelerator or r.accelerator
     context = r.context or cfg.max_seq_len
     nbytes = serving_bytes(r)
+    price, price_assumed = serving_price(r)
     if r.serve_tp is None and r.serve_pp is None:
         tp, pp = default_serving_layout(cfg, acc, r.gpus_per_node, context, nbytes, r.usable_fraction)
         source = "the fewest GPUs holding 8 sequences per stage at this context (pass --serve-tp/--serve-pp)"
     else:
         tp, pp = r.serve_tp or 1, r.serve_pp or 1
         source = "--serve-tp/--serve-pp"
-    plan = ServePlan(ServeSetup(cfg, acc, tp, pp, context, r.price_per_gpu_hour, nbytes, nbytes,
+    plan = ServePlan(ServeSetup(cfg, acc, tp, pp, context, price, nbytes, nbytes,
                                 r.usable_fraction, r.gpus_per_node))
     ranks = pipeline_ranks(cfg, pp)
     params_per_stage = max(rank_params(cfg, 1, 1, rk, pp).total for rk in ranks)
@@ -203,5 +216,5 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "tokens_per_s": full["tokens_per_s"],
         "cost_usd_per_1k_tokens": full["cost_usd_per_1k_tokens"],
         "compute_bound_tokens_per_s": peak_rate / flops_per_token(cfg, context),
-        "price_usd_per_gpu_hour": r.price_per_gpu_hour,
+        "price_usd_per_gpu_hour": price, "price_assumed": price_assumed,
     }
