@@ -165,26 +165,32 @@ def _restarts(result):
     return [e for e in result.events if e["event"] == "restart"]
 
 
-def test_a_resume_from_another_run_survives_a_kill_before_its_first_commit(baseline, baseline_dir, data_dir, tmp_path):
-    # The kill comes before step 5, the first commit of this run would be step 6: the retry must
-    # load the other run's step 4 again (not start from step 0), and end where the baseline ended.
-    source = baseline_dir
-    result = run_pretraining(_cfg(tmp_path, data_dir, "from_elsewhere", "train.chaos.kill_worker_at_step=5",
-                                  "train.chaos.kill_rank=1"), resume=str(source / "checkpoints" / "step_0000004"))
+@pytest.fixture(scope="module")
+def resumed_elsewhere(baseline_dir, data_dir, tmp_path_factory):
+    """A run started from the baseline's step 4, killed before step 5 (its first commit would be
+    step 6), so its retry must load the other run's step 4 again, not start from step 0."""
+    return run_pretraining(_cfg(tmp_path_factory.mktemp("runs"), data_dir, "from_elsewhere",
+                                "train.chaos.kill_worker_at_step=5", "train.chaos.kill_rank=1"),
+                           resume=str(baseline_dir / "checkpoints" / "step_0000004"))
+
+
+def test_a_resume_from_another_run_survives_a_kill_before_its_first_commit(baseline, baseline_dir,
+                                                                            resumed_elsewhere):
+    result = resumed_elsewhere
     assert [r["step"] for r in _restarts(result)] == [4, 4]
-    assert all(r["checkpoint"].startswith(str(source)) for r in _restarts(result))
+    assert all(r["checkpoint"].startswith(str(baseline_dir)) for r in _restarts(result))
     _assert_bitwise_equal(_final_state(result.run_dir), baseline)
     # Ray Train registered the checkpoints as they were committed: its Result names the last one.
     assert result.checkpoint == str(result.run_dir / "checkpoints" / f"step_{MAX_STEPS:07d}")
 
 
-def test_a_roll_back_survives_a_kill_before_its_first_commit(baseline, data_dir, tmp_path):
-    run = _cfg(tmp_path, data_dir, "rollback", "train.max_steps=6", "train.lr_decay_steps=8")
-    run_pretraining(run)  # committed 2, 4, 6
-    result = run_pretraining(_cfg(tmp_path, data_dir, "rollback", "train.chaos.kill_worker_at_step=3",
-                                  "train.chaos.kill_rank=0"), resume="2")
-    # Ray Train restores the first submission's step 6 as its latest; the retry still rolls back to 2.
-    assert [r["step"] for r in _restarts(result)] == [2, 2]
+def test_a_roll_back_survives_a_kill_before_its_first_commit(baseline, resumed_elsewhere, data_dir):
+    # That run committed 6 and 8. Roll it back to 6 and kill it before step 7: Ray Train restores
+    # the first submission's step 8 as its latest, and the retry must still roll back to 6.
+    run_dir = resumed_elsewhere.run_dir
+    result = run_pretraining(_cfg(run_dir.parent, data_dir, run_dir.name, "train.chaos.kill_worker_at_step=7",
+                                  "train.chaos.kill_rank=0"), resume="6")
+    assert [r["step"] for r in _restarts(result) if r["time"] > resumed_elsewhere.events[-1]["time"]] == [6, 6]
     _assert_bitwise_equal(_final_state(result.run_dir), baseline)
 
 

@@ -93,3 +93,16 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(group, tmp_path,
     assert worker.step == 0 and worker.tokens_seen == 0  # weights only: a new run, a fresh optimizer
     start = [e for e in RunDir(str(tmp_path), "finetune").read_events() if e["event"] == "start"][-1]
     assert start["init_from"]["path"] == cfg.train.init_from
+
+
+def test_a_float32_checkpoint_resumes_in_bfloat16_with_exact_master_weights(group, tmp_path, data_dir):
+    f32 = _run(_cfg(tmp_path, data_dir, "dtype_switch", "train.max_steps=3"))
+    weights = f32.engine.full_state_dict()
+    worker = TrainingWorker(_cfg(tmp_path, data_dir, "dtype_switch", "train.max_steps=4", "train.dtype=bfloat16"),
+                            rank=0, world_size=1)
+    worker._restore()  # the float32 checkpoint has no master weights: they come from its float32 weights
+    assert worker.step == 3
+    state = worker.engine.optimizer.owned_state()
+    for fqn, p in worker.engine.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.data, weights[fqn].to(torch.bfloat16)), fqn
+        assert torch.equal(state[fqn]["master"], weights[fqn]), fqn

@@ -8,10 +8,12 @@ a retry of `--resume 4` before the first new commit loads step 4 again (not the
 run's newest), and a retry of a resume from another run's checkpoint loads that
 checkpoint again (not step 0).
 
-Ray Train hands every rank the last checkpoint reported to it
-(`ray.train.get_checkpoint()`), including one a previous submission of the same
-run reported. Which submission committed it is read from the checkpoint's own
-`extra.json` (`submit_id`), never from a file on one node's local disk.
+Which submission committed a checkpoint is read from its own `extra.json`
+(`submit_id`) on the checkpoint storage, never from a file on one node's local
+disk. The store's newest checkpoint is looked at first, then the one Ray Train
+hands every rank (`ray.train.get_checkpoint()`: the last reported to it, which
+may be a previous submission's, restored from its snapshot): a worker can die
+after a commit and before Ray Train took in its report.
 """
 
 from __future__ import annotations
@@ -48,16 +50,23 @@ def checkpoint_dir_of(reported: str) -> str:
     return reported
 
 
-def submission_of(checkpoint_dir: str) -> Optional[str]:
-    """The submit_id recorded in a committed checkpoint's extra.json (None if it has none)."""
+def submission_of(checkpoint_dir) -> Optional[str]:
+    """The submit_id recorded in a committed checkpoint's extra.json (None if it has none).
+    `checkpoint_dir`: a path or URI, or a location in the store's filesystem."""
+    loc = checkpoint_dir if isinstance(checkpoint_dir, cfs.Location) else cfs.resolve(checkpoint_dir)
     try:
-        return json.loads(cfs.get_bytes(cfs.resolve(checkpoint_dir).child(mf.EXTRA))).get("submit_id")
+        return json.loads(cfs.get_bytes(loc.child(mf.EXTRA))).get("submit_id")
     except (OSError, ValueError):
         return None
 
 
 def decide(requested: str, submit_id: Optional[str], reported: Optional[str], store) -> ResumeDecision:
-    """Rank 0: this attempt's starting point (see the module doc)."""
+    """Rank 0: this attempt's starting point (see the module doc). The store's newest checkpoint
+    comes first: a worker may die after a commit and before Ray Train took in its report."""
+    latest = store.latest_step()
+    if submit_id is not None and latest is not None and \
+            submission_of(store.root.child(mf.checkpoint_name(latest))) == submit_id:
+        return ResumeDecision("latest", f"this submission's newest committed checkpoint (step {latest})")
     if reported is not None:
         ckpt = checkpoint_dir_of(reported)
         if submit_id is not None and submission_of(ckpt) == submit_id:
@@ -65,10 +74,9 @@ def decide(requested: str, submit_id: Optional[str], reported: Optional[str], st
     if requested == "never":
         return ResumeDecision(None, "--resume never")
     if requested == "auto":
-        step = store.latest_step()
-        if step is None:
+        if latest is None:
             return ResumeDecision(None, "--resume auto: no committed checkpoint yet")
-        return ResumeDecision("latest", f"--resume auto: the newest committed checkpoint (step {step})")
+        return ResumeDecision("latest", f"--resume auto: the newest committed checkpoint (step {latest})")
     target: Union[str, int] = int(requested) if requested.isdigit() else requested
     return ResumeDecision(target, f"--resume {requested}")
 

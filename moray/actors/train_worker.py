@@ -33,6 +33,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     """Entry point handed to `TorchTrainer`."""
     import ray.train
 
+    _quiet_report_log()
     ctx = ray.train.get_context()
     reported = ray.train.get_checkpoint()
     try:
@@ -53,6 +54,16 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         worker.run()
     except LeaseHeldError as err:  # another run owns the storage now: a restart would meet it again
         raise NonRetryableError(str(err)) from err
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO, once per rank, past
+    LoggingConfig (its logger is named by file path); our checkpoint line says it once."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 # A worker's set-up fails with these when the request is wrong (config, layout, weights that do
@@ -151,14 +162,13 @@ class TrainingWorker:
             return
         target = None if decision.target == "latest" else decision.target
         started = time.time()
-        state = self.engine.state_dict()
         try:
-            res = self.store.load(state, target)
+            res = self.store.load(self.engine.state_dict(), target, adapt=self.engine.state_dict_for)
         except CheckpointError as err:
             if target is None:
                 raise  # every candidate failed verification: storage may answer better next time
             raise NonRetryableError(f"{decision.why}: {err}") from err
-        self.engine.load_state_dict(state)
+        self.engine.load_state_dict(res.state)
         extra = res.extra
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
         self.sampler.load_state_dict(extra["sampler"])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.distributed as dist
@@ -300,6 +300,19 @@ class TrainEngine:
                 if k in st:
                     sd[f"optim.{fqn}.{k}"] = to_dtensor(st[k], spec, self.meshes) if k != "step" else st[k]
         return sd
+
+    def state_dict_for(self, sd: Dict[str, torch.Tensor], in_checkpoint: Set[str]) -> Dict[str, torch.Tensor]:
+        """A DCP template (from state_dict()) for a checkpoint holding the keys `in_checkpoint`: a
+        bf16 engine reading one without master weights (a float32 run's) reads those weights in
+        float32, so that load_state_dict keeps them exactly in the masters; a float32 engine
+        never asks for masters. The other keys stay as they are (DCP names any that are missing)."""
+        out = dict(sd)
+        for key in [k for k in sd if k.endswith(".master") and k not in in_checkpoint]:
+            del out[key]
+            weight = "model." + key[len("optim."):-len(".master")]
+            if weight in out:
+                out[weight] = out[weight].to(torch.float32)  # a copy, in this rank's layout
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, sd: Dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -57,6 +57,7 @@ class LoadResult:
     # What was loaded but not all of it, e.g. an older checkpoint's pickled rank extras, which
     # are refused (rank_extra is then None): log these, the run goes on without them.
     warnings: List[str] = field(default_factory=list)
+    state: Optional[Dict[str, Any]] = None  # what was filled: the template, or what `adapt` made of it
 
 
 class CheckpointEntry(NamedTuple):

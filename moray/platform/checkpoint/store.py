@@ -31,7 +31,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import pyarrow.fs as pafs
 import torch.distributed.checkpoint as dcp
@@ -287,10 +287,15 @@ class CheckpointStore:
         return mf.list_checkpoints(self.root)
 
     def load(self, state_template: Dict[str, Any],
-             path_or_step: Union[None, int, str] = None) -> LoadResult:
+             path_or_step: Union[None, int, str] = None,
+             adapt: Optional[Callable[[Dict[str, Any], Set[str]], Dict[str, Any]]] = None) -> LoadResult:
         """Fill `state_template` in place (DCP reshards into its layout) from the newest
         loadable checkpoint: `latest`, else the ones before it, each verified against its
-        manifest first. `path_or_step` names one checkpoint instead (no fallback). Collective."""
+        manifest first. `path_or_step` names one checkpoint instead (no fallback). Collective.
+
+        `adapt(template, keys_in_checkpoint)` may return another template to load into, for a
+        checkpoint that holds other keys than the template asks for (a float32 run's, read by a
+        bfloat16 one); what was filled is `LoadResult.state` (the template itself without it)."""
         if self._pending is not None:
             self.wait()
         started = time.perf_counter()
@@ -308,14 +313,18 @@ class CheckpointStore:
                     raise CheckpointError(f"checkpoint {ckpt} is not loadable: " + "; ".join(problems))
                 skipped.append((str(ckpt), "; ".join(problems)))
                 continue
+            reader = cfs.dcp_reader(ckpt)
+            target = state_template
+            if adapt is not None:
+                target = adapt(state_template, set(reader.read_metadata().state_dict_metadata))
             try:
-                dcp.load(state_template, storage_reader=cfs.dcp_reader(ckpt), process_group=self._group.dcp)
+                dcp.load(target, storage_reader=reader, process_group=self._group.dcp)
             except CheckpointException as e:  # a BaseException: make it one callers catch
                 raise CheckpointError(f"loading {ckpt} failed: " + _failures(e)) from None
             extra = json.loads(cfs.get_bytes(ckpt.child(mf.EXTRA))) if mf.EXTRA in manifest.files else {}
             rank_extra, warnings = self._rank_extra(ckpt, manifest)
             return LoadResult(manifest.step, str(ckpt), extra, rank_extra, skipped, manifest.bytes,
-                              time.perf_counter() - started, warnings)
+                              time.perf_counter() - started, warnings, target)
         reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
         raise CheckpointError(f"no loadable checkpoint under {self.root}: {reasons}")
 
