@@ -1,0 +1,235 @@
+"""The model's forward for one serving step: a flat batch over a paged KV cache.
+
+Every sequence in the step contributes a chunk of tokens at its own positions
+(a whole prompt, a middle chunk of one, or a single decode token: vLLM V1 has
+no prefill/decode modes, and neither does this). The tokens of all chunks are
+laid end to end, T in all; each layer writes their keys and values into the
+paged cache at `slot_mapping`, then each chunk attends to exactly its
+sequence's context (seq_len tokens, causal within the chunk) read back through
+its block table.
+
+Legend: T = tokens in the step, S = sequences, Sd = decode sequences (one
+token each), nh = query heads, nkv = KV heads, g = nh // nkv, hd = head_dim,
+bs = block_size, L = padded context length of the decodes.
+
+Cache layout per layer: K and V, each (num_blocks, bs, nkv, hd); slot
+`block_id * bs + offset` is row `slot` of the (num_blocks * bs, nkv, hd) view.
+One KV head (MQA) makes a block small.
+
+The decode path is batched: all single-token sequences gather their blocks
+into one padded (Sd, nkv, L, hd) tensor with a mask and run one attention;
+the g query heads of a KV group are folded into the query-length dimension,
+so MQA/GQA needs no repeated K/V. Prefill chunks loop per sequence, each one
+SDPA call with an explicit causal mask offset by the context before the chunk.
+Everything host-side (which sequence is a decode, the masks, the gathered
+block ids) is planned once per step and shared by all layers.
+
+This walks the model's own modules, so it shares the weights and leaves the
+training forward untouched; MoE layers see the flat tokens as (1, T, D)
+(routing is per token, so batching does not change it while the layer is
+dropless: with a capacity factor, which tokens drop depends on the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from moray.model.layers import apply_rotary
+from moray.model.moe import MoE
+from moray.model.transformer import Transformer
+
+KVPair = Tuple[torch.Tensor, torch.Tensor]  # K, V: each (num_blocks, bs, nkv, hd)
+
+
+@dataclass
+class PagedBatch:
+    """Where each chunk of a flat batch sits: the attention metadata of one step (vLLM's names)."""
+
+    query_start_loc: torch.Tensor  # (S+1,) int: chunk i is tokens [qsl[i], qsl[i+1]) of the flat batch
+    seq_lens: torch.Tensor  # (S,) int: context of sequence i after this step's tokens
+    block_tables: torch.Tensor  # (S, max_blocks) int32, padded (pad entries are never attended)
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * bs + offset where token t's K/V is written
+    logits_indices: torch.Tensor  # (N,) int64: flat rows whose logits are wanted
+    # Host copies of query_start_loc and seq_lens, so planning a step on a GPU needs no
+    # device-to-host sync; `to()` keeps them. None = read the device tensors once per step.
+    query_start_loc_cpu: Optional[torch.Tensor] = field(default=None, repr=False)
+    seq_lens_cpu: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    def to(self, device) -> "PagedBatch":
+        qsl_cpu = self.query_start_loc_cpu if self.query_start_loc_cpu is not None else self.query_start_loc.cpu()
+        sl_cpu = self.seq_lens_cpu if self.seq_lens_cpu is not None else self.seq_lens.cpu()
+        return PagedBatch(
+            self.query_start_loc.to(device, non_blocking=True), self.seq_lens.to(device, non_blocking=True),
+            self.block_tables.to(device, non_blocking=True), self.slot_mapping.to(device, non_blocking=True),
+            self.logits_indices.to(device, non_blocking=True), qsl_cpu, sl_cpu)
+
+
+# ---------------------------------------------------------------- planning (once per step)
+
+
+@dataclass
+class _Prefill:
+    start: int  # first flat row of the chunk
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # (ceil(seq_len / bs),) block ids holding the context
+    mask: torch.Tensor  # (qlen, seq_len) bool: query i sees keys j <= seq_len - qlen + i
+
+
+@dataclass
+class _Plan:
+    decode_rows: Optional[torch.Tensor]  # (Sd,) flat rows of the decode tokens
+    decode_blocks: Optional[torch.Tensor]  # (Sd, nb) block ids, pads clamped to a valid id
+    decode_mask: Optional[torch.Tensor]  # (Sd, 1, 1, nb * bs) bool: key j < seq_len
+    prefills: List[_Prefill]
+
+
+def _plan(batch: PagedBatch, block_size: int, device: torch.device, max_len: int) -> _Plan:
+    qsl = (batch.query_start_loc_cpu if batch.query_start_loc_cpu is not None else batch.query_start_loc).tolist()
+    seq_lens = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
+    if seq_lens and max(seq_lens) > max_len:
+        raise ValueError(f"a sequence reaches {max(seq_lens)} tokens, past the model's context (max_seq_len {max_len})")
+    qlens = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
+    decodes = [i for i, q in enumerate(qlens) if q == 1]
+    decode_rows = decode_blocks = decode_mask = None
+    if decodes:
+        longest = max(seq_lens[i] for i in decodes)
+        nb = -(-longest // block_size)
+        idx = torch.tensor(decodes, device=device)
+        decode_rows = torch.tensor([qsl[i] for i in decodes], device=device)
+        decode_blocks = batch.block_tables[idx, :nb].long().clamp(min=0)  # (Sd, nb)
+        lens = torch.tensor([seq_lens[i] for i in decodes], device=device)
+        decode_mask = (torch.arange(nb * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    prefills = []
+    for i, q in enumerate(qlens):
+        if q <= 1:
+            continue  # decodes above; an empty chunk attends to nothing
+        n = seq_lens[i]
+        if n < q:
+            raise ValueError(f"sequence {i}: seq_len {n} is shorter than its chunk of {q} tokens")
+        blocks = batch.block_tables[i, :-(-n // block_size)].long()
+        mask = (torch.arange(n, device=device)[None, :]
+                <= torch.arange(n - q, n, device=device)[:, None])  # (q, n), causal with offset n - q
+        prefills.append(_Prefill(qsl[i], qsl[i + 1], n, blocks, mask))
+    return _Plan(decode_rows, decode_blocks, decode_mask, prefills)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """q (T, nh, hd), already rotated; the step's K/V already written -> (T, nh, hd)."""
+    T, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    g = nh // nkv
+    out = torch.empty_like(q)
+    if plan.decode_rows is not None:
+        rows = plan.decode_rows
+        Sd = rows.shape[0]
+        qd = q[rows].view(Sd, nkv, g, hd)  # a group's g heads take the query-length slot
+        kd = k_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (Sd, nkv, L, hd)
+        vd = v_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
+        y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask)  # (Sd, nkv, g, hd)
+        out[rows] = y.reshape(Sd, nh, hd)
+    for p in plan.prefills:
+        qlen = p.end - p.start
+        qp = q[p.start:p.end].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * qlen, hd)
+        kp = k_cache[p.blocks].flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)  # (nkv, seq_len, hd)
+        vp = v_cache[p.blocks].flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)
+        y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask.repeat(g, 1))  # (nkv, g*qlen, hd)
+        out[p.start:p.end] = y.view(nkv, g, qlen, hd).permute(2, 0, 1, 3).reshape(qlen, nh, hd)
+    return out
+
+
+def _attention_step(att, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPair,
+                    slot_mapping: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The model's Attention module over the flat batch: x (T, D) -> (T, D)."""
+    T = x.shape[0]
+    hd = att.head_dim
+    # Head counts from the weights, as Attention.forward does (a tensor-parallel shard has fewer).
+    q = att.wq(x).view(T, -1, hd)  # (T, nh, hd)
+    k = att.wk(x).view(T, -1, hd)  # (T, nkv, hd)
+    v = att.wv(x).view(T, -1, hd)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_cache, v_cache = kv
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    y = paged_attention(q, k_cache, v_cache, plan)  # (T, nh, hd)
+    return att.wo(y.reshape(T, -1))
+
+
+# ---------------------------------------------------------------- the forward
+
+
+def forward_paged(model: Transformer, token_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
+                  kv_caches: List[KVPair]) -> torch.Tensor:
+    """token_ids (T,), positions (T,) -> logits (len(logits_indices), vocab).
+
+    kv_caches holds one (K, V) pair per layer of `model`, in the order of model.layers.
+    A pipeline stage without embeddings takes hidden states (T, D) as token_ids; one
+    without the output head returns the hidden states of all T rows (the next stage
+    needs every token), not just logits_indices.
+    """
+    layers = list(model.layers.values())
+    if len(kv_caches) != len(layers):
+        raise ValueError(f"{len(kv_caches)} KV cache pairs for {len(layers)} layers; give one (K, V) per layer")
+    block_size = kv_caches[0][0].shape[1] if kv_caches else 1
+    plan = _plan(batch, block_size, token_ids.device, model.rope_cos.shape[0])
+    h = model.tok_embeddings(token_ids) if model.tok_embeddings is not None else token_ids  # (T, D)
+    cos = model.rope_cos[positions][:, None, :]  # (T, 1, hd): broadcast over heads
+    sin = model.rope_sin[positions][:, None, :]
+    for layer, kv in zip(layers, kv_caches):
+        h = h + _attention_step(layer.attention, layer.attention_norm(h), cos, sin, kv, batch.slot_mapping, plan)
+        h = h + layer.feed_forward(layer.ffn_norm(h)[None]).squeeze(0)  # MoE sees (1, T, D)
+    if model.output is None:
+        return model.norm(h) if model.norm is not None else h
+    h = h[batch.logits_indices]  # the head runs only where logits are wanted
+    if model.norm is not None:
+        h = model.norm(h)
+    return model.output(h)
+
+
+# ---------------------------------------------------------------- MoE stats
+
+
+@dataclass
+class MoEStepStats:
+    """What MoE costs in serving, for the last forward: the seed's "parts may sit dormant"."""
+
+    expert_tokens: torch.Tensor  # (moe layers, E) assignments each expert received
+    experts_touched: List[int]  # distinct experts each MoE layer ran
+
+
+def moe_step_stats(model: Transformer) -> Optional[MoEStepStats]:
+    """Read the MoE layers' last_stats (None for a dense model). One host sync."""
+    stats = [layer.feed_forward.last_stats for layer in model.layers.values()
+             if isinstance(layer.feed_forward, MoE) and layer.feed_forward.last_stats is not None]
+    if not stats:
+        return None
+    tokens = torch.stack([s["tokens_per_expert"] for s in stats])  # (layers, E)
+    return MoEStepStats(tokens, (tokens > 0).sum(-1).tolist())
+
+
+def allocate_kv_caches(model: Transformer, num_blocks: int, block_size: int, dtype: Optional[torch.dtype] = None,
+                       device=None) -> List[KVPair]:
+    """Zeroed (K, V) per layer, each (num_blocks, block_size, nkv, hd); nkv from the weights."""
+    ref = model.rope_cos
+    out = []
+    for layer in model.layers.values():
+        att = layer.attention
+        shape = (num_blocks, block_size, att.wk.out_features // att.head_dim, att.head_dim)
+        kw = dict(dtype=dtype or next(model.parameters()).dtype, device=device or ref.device)
+        out.append((torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
+    return out
+
+
+__all__ = ["PagedBatch", "forward_paged", "paged_attention", "MoEStepStats", "moe_step_stats",
+           "allocate_kv_caches"]

@@ -1,0 +1,44 @@
+"""The engine's own settings: a plain dataclass, so the engine imports without pydantic
+(the GPU machine has none). `platform/config.py`'s `serve` section carries the same
+names; `EngineConfig.from_serve(cfg.serve)` turns one into the other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences in one engine step
+    max_batch_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_step_latency_ms: Optional[float] = None  # shrink batches so a step stays under this
+    kv_block_size: int = 16  # tokens per KV-cache block
+    kv_cache_blocks: Optional[int] = None  # exactly this many blocks; None = from kv_cache_memory_mb
+    kv_cache_memory_mb: float = 512.0  # the KV cache's budget when kv_cache_blocks is None
+    enable_prefix_caching: bool = True  # full blocks are shared by every request with the same prefix
+    chunked_prefill: bool = True
+    dtype: Optional[str] = None  # weights and KV: bfloat16, float16, float32; None = as stored
+    device: str = "cpu"
+    max_model_len: Optional[int] = None  # prompt + output limit; None = the model's max_seq_len
+    seed: int = 0  # for requests that give no seed of their own
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_batch_tokens", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
+            raise ValueError(f"serve.kv_cache_blocks must be >= 2 (got {self.kv_cache_blocks})")
+        if self.max_step_latency_ms is not None and self.max_step_latency_ms <= 0:
+            raise ValueError(f"serve.max_step_latency_ms must be > 0 (got {self.max_step_latency_ms})")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"serve.dtype {self.dtype!r}: use bfloat16, float16 or float32")
+
+    @classmethod
+    def from_overrides(cls, overrides: Dict[str, Any]) -> "EngineConfig":
+        """Keyword arguments as LLM(path, **overrides) takes them; an unknown one is named."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown engine setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**overrides)

@@ -1,0 +1,125 @@
+"""The in-process executor: runs the model on one step's flat batch of chunks.
+
+    executor = ModelExecutor(model, num_blocks=1024, block_size=16)
+    res = executor.execute([SeqChunk([5, 9, 2], 0, [7], True),      # a prompt
+                            SeqChunk([11], 40, [3, 8, 1], True)])   # a decode at position 40
+    res.logits  # (2, vocab)
+
+The executor owns the paged KV cache tensors (one K and one V per layer); the
+KV cache manager decides which block ids a sequence holds, and a chunk brings
+them here as its block table. `SeqChunk` is a plain type of its own, so the
+scheduler's classes never reach the model side (the Ray executor of the next
+issue ships these over the wire).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from moray.model.config import ModelConfig
+from moray.model.paged import PagedBatch, allocate_kv_caches, forward_paged, moe_step_stats
+from moray.model.transformer import Transformer
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of a step: its tokens at positions start_pos.. and where its KV lives."""
+
+    token_ids: List[int]
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
+    block_table: List[int]  # block ids holding positions 0.. of this sequence, in order
+    needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor  # (chunks needing logits, vocab): each such chunk's last token
+    expert_tokens: Optional[torch.Tensor]  # (MoE layers, E) assignments per expert this step; None if dense
+    experts_touched: List[int]  # distinct experts each MoE layer ran this step
+    seconds: float  # wall time of the step, the device synchronised
+
+
+class ModelExecutor:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 dtype: Optional[torch.dtype] = None, device=None):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be at least 1")
+        self.model = model.eval()
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device) if device is not None else model.rope_cos.device
+        if self.device != model.rope_cos.device:
+            raise ValueError(f"the model is on {model.rope_cos.device} but the executor was asked for "
+                             f"{self.device}; move the model first (model.to(device))")
+        self.dtype = dtype or next(model.parameters()).dtype  # of the cache; compute stays the model's
+        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, self.dtype, self.device)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """2 (K and V) x layers x KV heads x head_dim x element size: what one cached token costs."""
+        k = self.kv_caches[0][0] if self.kv_caches else None
+        per_layer = k.shape[2] * k.shape[3] if k is not None else 0
+        return 2 * len(self.kv_caches) * per_layer * torch.empty((), dtype=self.dtype).element_size()
+
+    @staticmethod
+    def blocks_for_budget(model_cfg: ModelConfig, block_size: int, budget_bytes: int,
+                          dtype: torch.dtype = torch.float32) -> int:
+        """How many blocks of block_size tokens fit in budget_bytes of KV cache."""
+        per_token = 2 * model_cfg.n_layers * model_cfg.n_kv_heads * model_cfg.head_dim
+        per_token *= torch.empty((), dtype=dtype).element_size()
+        blocks = budget_bytes // (per_token * block_size)
+        if blocks < 1:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {block_size} tokens "
+                             f"({per_token * block_size} bytes each); raise the budget or lower the block size")
+        return int(blocks)
+
+    # ------------------------------------------------------------ a step
+
+    def prepare(self, chunks: List[SeqChunk]):
+        """Host-side: the flat tokens, positions and PagedBatch of a step (on the executor's device)."""
+        bs, max_len = self.block_size, self.model.rope_cos.shape[0]
+        tokens, positions, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
+        width = max([len(c.block_table) for c in chunks] + [1])
+        for i, c in enumerate(chunks):
+            n = c.start_pos + len(c.token_ids)
+            if n > max_len:
+                raise ValueError(f"chunk {i}: positions up to {n - 1} are past the model's context "
+                                 f"(max_seq_len {max_len})")
+            if len(c.block_table) * bs < n:
+                raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
+                                 f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
+            if c.needs_logits and not c.token_ids:
+                raise ValueError(f"chunk {i} has no tokens but asks for logits")
+            pos = range(c.start_pos, n)
+            tokens += c.token_ids
+            positions += pos
+            slots += [c.block_table[p // bs] * bs + p % bs for p in pos]
+            qsl.append(len(tokens))
+            seq_lens.append(n)
+            if c.needs_logits:
+                logits_idx.append(len(tokens) - 1)
+        tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
+                              dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
+        qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)
+        batch = PagedBatch(qsl_t, lens_t, tables, torch.tensor(slots, dtype=torch.long),
+                           torch.tensor(logits_idx, dtype=torch.long), qsl_t, lens_t)
+        dev = self.device
+        return (torch.tensor(tokens, dtype=torch.long).to(dev), torch.tensor(positions, dtype=torch.long).to(dev),
+                batch.to(dev))
+
+    def execute(self, chunks: List[SeqChunk]) -> StepResult:
+        t0 = time.perf_counter()
+        if not any(c.token_ids for c in chunks):
+            vocab = self.model.cfg.vocab_size
+            return StepResult(torch.empty(0, vocab, device=self.device), None, [], time.perf_counter() - t0)
+        token_ids, positions, batch = self.prepare(chunks)
+        with torch.inference_mode():
+            logits = forward_paged(self.model, token_ids, positions, batch, self.kv_caches)
+        stats = moe_step_stats(self.model)  # its host read synchronises the device
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(logits, stats.expert_tokens if stats else None, stats.experts_touched if stats else [],
+                          time.perf_counter() - t0)
