@@ -117,6 +117,9 @@ class ServeConfig(_Section):
     draft_config: Optional[str] = None  # config of a draft model for speculative decoding
     speculative_tokens: int = 4
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the serving engine's weights and KV dtype
+    # The planner's routing model: each MoE layer's share of routed assignments per expert, one row
+    # for every layer or one per layer, as bench/serve_experts.py measures them; None = uniform.
+    expert_shares: Optional[List[List[float]]] = None
 
 
 class ClusterConfig(_Section):

@@ -10,6 +10,10 @@ touches, plus its KV cache) and by compute (2 x active parameters + attention
 over the context, per token); the slot costs the larger of the two. For an MoE,
 b tokens choosing top_k of E experts touch E (1 - (1 - k/E)^b) experts per
 layer on average (uniform routing), so small batches read fewer expert weights.
+A trained router is not uniform: given the share p_e of routed assignments each
+expert receives (`serve.expert_shares`, measured by the engine), independent
+tokens touch sum_e (1 - (1 - k p_e)^b), fewer at mid batch sizes
+(bench/serve_experts.py measures both against the engine).
 
 Decode only: prompt tokens (prefill) are compute-bound, 2 x active FLOPs each,
 and cost extra. Not modelled: TP all-reduce latency, speculative decoding,
@@ -19,7 +23,7 @@ quantised weights.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 from moray.model.config import ModelConfig
 from moray.model.params import attention_params_per_layer, expert_params
@@ -47,6 +51,7 @@ class ServeSetup:
     kv_bytes: int = 2
     usable_fraction: float = 0.9
     gpus_per_node: int = 8
+    expert_shares: Optional[Tuple[Tuple[float, ...], ...]] = None  # per MoE layer; None = uniform routing
 
     @property
     def gpus(self) -> int:
@@ -58,11 +63,46 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
 
 
-def experts_touched(cfg: ModelConfig, tokens: float) -> float:
-    """Expected distinct experts per layer that `tokens` tokens route to (uniform routing)."""
+Shares = Union[Sequence[float], Sequence[Sequence[float]]]
+
+
+def expert_shares(cfg: ModelConfig, shares: Shares) -> Tuple[Tuple[float, ...], ...]:
+    """Per-layer shares of routed assignments, each layer summing to 1, from one vector for
+    every layer or one per MoE layer (counts work too: each layer is normalised)."""
+    layers = [shares] if shares and not isinstance(shares[0], (list, tuple)) else list(shares)
+    if not cfg.is_moe or not layers or len(layers) not in (1, cfg.n_layers):
+        raise PlanError(f"serve.expert_shares: give one vector of {cfg.n_experts} shares for every layer or "
+                        f"one per layer ({cfg.n_layers}); got {len(layers)} for a model with "
+                        f"{cfg.n_experts} experts")
+    out = []
+    for i, layer in enumerate(layers):
+        total = float(sum(layer))
+        if len(layer) != cfg.n_experts or min(layer) < 0 or total <= 0:
+            raise PlanError(f"serve.expert_shares[{i}]: need {cfg.n_experts} non-negative shares with a positive "
+                            f"sum (got {len(layer)}, sum {total:g}); measure them with bench/serve_experts.py")
+        row = tuple(float(p) / total for p in layer)
+        if max(row) > 1 / cfg.top_k + 1e-6:
+            raise PlanError(f"serve.expert_shares[{i}]: an expert's share is {max(row):.3f}, but with top_k "
+                            f"{cfg.top_k} a token sends it at most one of its {cfg.top_k} assignments, so no "
+                            f"share exceeds 1/{cfg.top_k}; give shares of assignments, not of probability mass")
+        out.append(row)
+    return tuple(out)
+
+
+def experts_touched(cfg: ModelConfig, tokens: float, shares: Optional[Shares] = None) -> float:
+    """Expected distinct experts per layer that `tokens` independent tokens route to.
+
+    Uniform routing (shares None): E (1 - (1 - k/E)^b), exact in expectation for top-k.
+    Measured shares p_e (per layer, or one for all): an expert is missed by one token with
+    probability 1 - k p_e, so sum_e (1 - (1 - k p_e)^b), averaged over layers; uniform p_e = 1/E
+    gives the formula above."""
     if not cfg.is_moe:
         return 1.0
-    return cfg.n_experts * (1 - (1 - cfg.top_k / cfg.n_experts) ** tokens)
+    if shares is None:
+        return cfg.n_experts * (1 - (1 - cfg.top_k / cfg.n_experts) ** tokens)
+    layers = expert_shares(cfg, shares)
+    k = cfg.top_k
+    return sum(sum(1 - (1 - min(1.0, k * p)) ** tokens for p in layer) for layer in layers) / len(layers)
 
 
 @dataclass(frozen=True)
@@ -109,7 +149,7 @@ class ServePlan:
         s, cfg, acc = self.s, self.s.model, self.s.accelerator
         rank = self.ranks[stage]
         layers = rank.layers
-        touched = experts_touched(cfg, b)
+        touched = experts_touched(cfg, b, s.expert_shares)
         kv_proj = 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
         dense_layer = attention_params_per_layer(cfg) + (cfg.d_model * cfg.n_experts if cfg.is_moe else 0)
         kv_gpu = kv_proj / s.tp if cfg.n_kv_heads % s.tp == 0 else kv_proj

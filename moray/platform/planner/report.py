@@ -184,6 +184,7 @@ def render_inference(s: dict) -> List[str]:
                      f"on each GPU; room for {s['kv_cache_capacity_tokens']:,} tokens"),
         ("largest batch", f"{s['max_batch']:,} sequences at {s['context_tokens']:,} tokens"),
         ("compute ceiling", f"{s['compute_bound_tokens_per_s']:,.0f} tokens/s at the matmul efficiency"),
+        ("expert routing", s.get("routing", "uniform")),
     ] + ([("price", f"${s['price_usd_per_gpu_hour']:g}/GPU-hour ({s['price_assumed']})")]
          if s.get("price_assumed") else []))
     rows = [[f"{d['batch']:,}", f"{d['memory_bound_s'] * 1e3:,.1f}", f"{d['compute_bound_s'] * 1e3:,.1f}", d["bound"],

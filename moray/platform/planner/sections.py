@@ -14,7 +14,7 @@ from moray.platform.planner import defaults
 from moray.platform.planner.flops import (attention_flops_per_token, flops_per_token, pipeline_bubble,
                                           training_flops, training_flops_with_attention)
 from moray.platform.planner.inference import (SERVE_DTYPE_BYTES, ServePlan, ServeSetup, default_serving_layout,
-                                              kv_cache_bytes_per_token)
+                                              expert_shares, kv_cache_bytes_per_token)
 from moray.platform.planner.layouts import Candidate
 from moray.platform.planner.memory import PRECISIONS, estimate_memory_per_stage, pipeline_ranks, rank_params
 from moray.platform.planner.plan import PlanRequest
@@ -193,8 +193,10 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     else:
         tp, pp = r.serve_tp or 1, r.serve_pp or 1
         source = "--serve-tp/--serve-pp"
+    measured = r.config.serve.expert_shares
+    shares = expert_shares(cfg, measured) if measured and cfg.is_moe else None
     plan = ServePlan(ServeSetup(cfg, acc, tp, pp, context, price, nbytes, nbytes,
-                                r.usable_fraction, r.gpus_per_node))
+                                r.usable_fraction, r.gpus_per_node, shares))
     ranks = pipeline_ranks(cfg, pp)
     params_per_stage = max(rank_params(cfg, 1, 1, rk, pp).total for rk in ranks)
     rows = [plan.decode(b).to_dict() for b in plan.batch_ladder()]
@@ -212,6 +214,9 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "kv_cache_bytes_per_token_per_gpu": plan.kv_bytes_per_token_per_gpu,
         "kv_cache_capacity_tokens": plan.kv_capacity_tokens,
         "max_batch": plan.max_batch(),
+        "routing": ("dense" if not cfg.is_moe else "uniform" if shares is None
+                    else "measured shares (serve.expert_shares, "
+                    + ("one row for every layer)" if len(shares) == 1 else "one row per layer)")),
         "decode": rows,
         "tokens_per_s": full["tokens_per_s"],
         "cost_usd_per_1k_tokens": full["cost_usd_per_1k_tokens"],
