@@ -19,8 +19,11 @@ One KV head (MQA) makes a block small.
 The decode path is batched: all single-token sequences gather their blocks
 into one padded (Sd, nkv, L, hd) tensor with a mask and run one attention;
 the g query heads of a KV group are folded into the query-length dimension,
-so MQA/GQA needs no repeated K/V. Prefill chunks loop per sequence, each one
-SDPA call with an explicit causal mask offset by the context before the chunk.
+so MQA/GQA needs no repeated K/V. Short chunks (2..SHORT_CHUNK tokens: a
+speculative verification's last token and its drafts) are batched the same way,
+padded to the longest of them with a causal mask offset per sequence. Longer
+prefill chunks loop per sequence, each one SDPA call with an explicit causal
+mask offset by the context before the chunk.
 Everything host-side (which sequence is a decode, the masks, the gathered
 block ids) is planned once per step and shared by all layers.
 
@@ -43,6 +46,7 @@ from moray.model.moe import MoE
 from moray.model.transformer import Transformer
 
 KVPair = Tuple[torch.Tensor, torch.Tensor]  # K, V: each (num_blocks, bs, nkv, hd)
+SHORT_CHUNK = 16  # chunks of 2..this many tokens attend in one padded batch
 
 
 @dataclass
@@ -90,6 +94,11 @@ class _Plan:
     decode_blocks: Optional[torch.Tensor]  # (Sd, nb) block ids, pads clamped to a valid id
     decode_mask: Optional[torch.Tensor]  # (Sd, 1, 1, nb * bs) bool: key j < seq_len
     prefills: List[_Prefill]
+    # Short chunks, Ss of them padded to Q query rows each (a pad row repeats the chunk's last row).
+    short_rows: Optional[torch.Tensor] = None  # (Ss, Q) flat rows read
+    short_real: Optional[torch.Tensor] = None  # (Ss, Q) bool: a real row (written back)
+    short_blocks: Optional[torch.Tensor] = None  # (Ss, nb) block ids, pads clamped to a valid id
+    short_mask: Optional[torch.Tensor] = None  # (Ss, 1, Q, nb * bs) bool: causal, offset per sequence
 
 
 def _plan(batch: PagedBatch, block_size: int, device: torch.device, max_len: int) -> _Plan:
@@ -108,10 +117,27 @@ def _plan(batch: PagedBatch, block_size: int, device: torch.device, max_len: int
         decode_blocks = batch.block_tables[idx, :nb].long().clamp(min=0)  # (Sd, nb)
         lens = torch.tensor([seq_lens[i] for i in decodes], device=device)
         decode_mask = (torch.arange(nb * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
-    prefills = []
+    shorts = [i for i, q in enumerate(qlens) if 1 < q <= SHORT_CHUNK and seq_lens[i] >= q]
+    short = {}
+    if shorts:
+        Q = max(qlens[i] for i in shorts)
+        nb = -(-max(seq_lens[i] for i in shorts) // block_size)
+        j = torch.arange(Q)
+        ql = torch.tensor([qlens[i] for i in shorts])[:, None]  # (Ss, 1)
+        real = j[None, :] < ql  # (Ss, Q)
+        rows = torch.tensor([qsl[i] for i in shorts])[:, None] + torch.minimum(j[None, :], ql - 1)
+        lens = torch.tensor([seq_lens[i] for i in shorts])[:, None]
+        # query row r of a chunk of q sees keys up to seq_len - q + r (a pad row: as the last real row)
+        last_key = lens - ql + torch.minimum(j[None, :], ql - 1)  # (Ss, Q)
+        mask = torch.arange(nb * block_size)[None, None, :] <= last_key[:, :, None]  # (Ss, Q, nb * bs)
+        idx = torch.tensor(shorts, device=device)
+        short = dict(short_rows=rows.to(device), short_real=real.to(device),
+                     short_blocks=batch.block_tables[idx, :nb].long().clamp(min=0),
+                     short_mask=mask[:, None].to(device))
+    prefills, short_set = [], set(shorts)
     for i, q in enumerate(qlens):
-        if q <= 1:
-            continue  # decodes above; an empty chunk attends to nothing
+        if q <= 1 or i in short_set:
+            continue  # decodes and short chunks above; an empty chunk attends to nothing
         n = seq_lens[i]
         if n < q:
             raise ValueError(f"sequence {i}: seq_len {n} is shorter than its chunk of {q} tokens")
@@ -119,7 +145,7 @@ def _plan(batch: PagedBatch, block_size: int, device: torch.device, max_len: int
         mask = (torch.arange(n, device=device)[None, :]
                 <= torch.arange(n - q, n, device=device)[:, None])  # (q, n), causal with offset n - q
         prefills.append(_Prefill(qsl[i], qsl[i + 1], n, blocks, mask))
-    return _Plan(decode_rows, decode_blocks, decode_mask, prefills)
+    return _Plan(decode_rows, decode_blocks, decode_mask, prefills, **short)
 
 
 # ---------------------------------------------------------------- attention
@@ -139,6 +165,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         vd = v_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
         y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask)  # (Sd, nkv, g, hd)
         out[rows] = y.reshape(Sd, nh, hd)
+    if plan.short_rows is not None:
+        Ss, Q = plan.short_rows.shape
+        qs = q[plan.short_rows.flatten()].view(Ss, Q, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(Ss, nkv, g * Q, hd)
+        ks = k_cache[plan.short_blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (Ss, nkv, L, hd)
+        vs = v_cache[plan.short_blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.short_mask.repeat(1, 1, g, 1))
+        y = y.view(Ss, nkv, g, Q, hd).permute(0, 3, 1, 2, 4).reshape(Ss, Q, nh, hd)  # (Ss, Q, nh, hd)
+        real = plan.short_real
+        out[plan.short_rows[real]] = y[real]
     for p in plan.prefills:
         qlen = p.end - p.start
         qp = q[p.start:p.end].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * qlen, hd)

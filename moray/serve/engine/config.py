@@ -22,6 +22,14 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: Optional[int] = None  # prompt + output limit; None = the model's max_seq_len
     seed: int = 0  # for requests that give no seed of their own
+    # Speculative decoding (serve.speculative.*): a drafter proposes up to k tokens per decoding
+    # request, the target scores them in one pass, the rejection rule keeps its distribution.
+    speculative_method: Optional[str] = None  # None (off), "ngram" (prompt lookup) or "draft" (a small model)
+    speculative_tokens: int = 4  # k: drafts per request per step
+    speculative_leniency: float = 0.0  # serve.speculative.acceptance: 0 = the exact rule; > 0 accepts more
+    draft_model: Optional[str] = None  # "draft": a path load_for_serving takes, same vocabulary as the target
+    ngram_min_n: int = 2  # "ngram": the shortest suffix looked up in the sequence so far
+    ngram_max_n: int = 4  # and the longest (tried first)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batch_tokens", "kv_block_size"):
@@ -33,6 +41,19 @@ class EngineConfig:
             raise ValueError(f"serve.max_step_latency_ms must be > 0 (got {self.max_step_latency_ms})")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"serve.dtype {self.dtype!r}: use bfloat16, float16 or float32")
+        if self.speculative_method is None and self.draft_model is not None:
+            self.speculative_method = "draft"  # a draft model given means drafting with it
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"serve.speculative_method {self.speculative_method!r}: use None (off), 'ngram' "
+                             "or 'draft' (with serve.draft_model)")
+        if self.speculative_tokens < 1:
+            raise ValueError(f"serve.speculative_tokens must be >= 1 (got {self.speculative_tokens})")
+        if self.speculative_leniency < 0:
+            raise ValueError(f"serve.speculative_leniency must be >= 0 (got {self.speculative_leniency}); "
+                             "0 is the exact rule")
+        if not 1 <= self.ngram_min_n <= self.ngram_max_n:
+            raise ValueError(f"serve.ngram_min_n ({self.ngram_min_n}) and ngram_max_n ({self.ngram_max_n}) need "
+                             "1 <= min <= max")
 
     @classmethod
     def from_overrides(cls, overrides: Dict[str, Any]) -> "EngineConfig":

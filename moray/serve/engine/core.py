@@ -9,6 +9,14 @@ The scheduler decides (who runs, how many tokens, who is preempted), the KV cach
 manager allocates, the executor runs the model on one flat batch of chunks, the
 sampler picks tokens. `n > 1` is n sequences sharing a prompt (their prompt blocks
 are shared through the prefix cache), gathered back into one RequestOutput.
+
+With speculative decoding on (`speculative_method`), a step starts with the drafter
+proposing up to k tokens for each decoding request (n-grams of its own tokens, or a
+draft model kept in step with the target); the scheduler gives such a request its last
+token and the drafts as one chunk, the target scores all of them in the step's one
+pass, and `verify` (the rejection rule on the request's processed distribution) emits
+1..k + 1 tokens, cut at a stop token, a stop string or max_tokens. Requests that ask
+for logprobs decode plainly. `stats.spec` counts drafted and accepted tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from moray.serve.engine.outputs import CompletionOutput, EngineStats, RequestMet
 from moray.serve.engine.request import Request, RequestStatus
 from moray.serve.engine.sampling import Sampler, SamplingParams
 from moray.serve.engine.scheduler import Scheduler
+from moray.serve.engine.speculative import (DraftModelDrafter, NgramDrafter, SpecStats, draft_histories,
+                                            processed_probs, verify)
 
 FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                   RequestStatus.FINISHED_ABORTED: "abort"}
@@ -49,7 +59,10 @@ class _Group:
 
 
 class EngineCore:
-    def __init__(self, model, model_cfg, config: EngineConfig, tokenizer=None):
+    def __init__(self, model, model_cfg, config: EngineConfig, tokenizer=None, draft_model=None,
+                 draft_model_cfg=None):
+        """draft_model / draft_model_cfg: an in-memory draft for speculative_method "draft"
+        (else config.draft_model is loaded)."""
         self.config, self.model_cfg, self.tokenizer = config, model_cfg, tokenizer
         dtype = _DTYPES[config.dtype] if config.dtype else next(model.parameters()).dtype
         self.max_model_len = config.max_model_len or model_cfg.max_seq_len
@@ -66,6 +79,32 @@ class EngineCore:
         self._groups: Dict[str, _Group] = {}
         self._seq_group: Dict[str, str] = {}  # sequence id -> request id
         self._generators: Dict[str, Optional[torch.Generator]] = {}
+        self.drafter = self._build_drafter(blocks, dtype, draft_model, draft_model_cfg)
+        self.spec_stats: SpecStats = self.stats.spec
+        self._proposals: Dict[str, tuple] = {}  # seq id -> (num_tokens when proposed, drafts, probs or None)
+
+    def _build_drafter(self, blocks: int, dtype, draft_model, draft_model_cfg):
+        c = self.config
+        if c.speculative_method is None:
+            return None
+        if c.speculative_method == "ngram":
+            return NgramDrafter(c.ngram_min_n, c.ngram_max_n, c.speculative_tokens)
+        if draft_model is None:
+            if c.draft_model is None:
+                raise ValueError("speculative_method 'draft' needs a draft model: set serve.draft_model to a "
+                                 "smaller model's path (same vocabulary as the target), or use 'ngram'")
+            from moray.serve.engine.loader import load_for_serving
+
+            loaded = load_for_serving(c.draft_model, dtype=dtype, device=c.device)
+            draft_model, draft_model_cfg = loaded.model, loaded.config
+        draft_vocab = draft_model_cfg.vocab_size if draft_model_cfg is not None else draft_model.cfg.vocab_size
+        if draft_vocab != self.model_cfg.vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {draft_vocab} ids but the target's "
+                             f"{self.model_cfg.vocab_size}; a draft must share the target's tokenizer and "
+                             f"vocabulary (serve.draft_model = {c.draft_model!r})")
+        # The draft's cache: as many blocks as the target's (a smaller model: fewer bytes each).
+        return DraftModelDrafter(draft_model, blocks, c.kv_block_size, c.speculative_tokens, dtype=dtype,
+                                 device=c.device, enable_prefix_caching=c.enable_prefix_caching)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -117,7 +156,10 @@ class EngineCore:
     # ------------------------------------------------------------ the step
 
     def step(self) -> List[RequestOutput]:
-        out = self.scheduler.schedule()
+        draft_seconds = self._propose() if self.drafter is not None else 0.0
+        out = self.scheduler.schedule({rid: p[1] for rid, p in self._proposals.items()})
+        for rid in out.preempted:  # recomputed from scratch later: so is its draft
+            self._drop_draft(rid)
         now = time.monotonic()
         for s in out.scheduled:
             g = self._groups.get(self._seq_group.get(s.request.request_id))
@@ -125,19 +167,30 @@ class EngineCore:
                 g.metrics.first_scheduled_time = now
         sampled: Dict[str, List[int]] = {}
         if out.scheduled:
-            chunks = [SeqChunk(s.token_ids, s.start_pos, s.block_table, s.needs_logits) for s in out.scheduled]
+            chunks = [SeqChunk(s.token_ids, s.start_pos, s.block_table, s.needs_logits, max(1, s.num_logits))
+                      for s in out.scheduled]
             res = self.executor.execute(chunks)
             need = [s for s in out.scheduled if s.needs_logits]
-            if need:
-                seqs = [s.request for s in need]
-                so = self.sampler.sample(res.logits.float(), [r.sampling_params for r in seqs],
+            starts, row = [], 0  # each chunk's first logits row
+            for s in need:
+                starts.append(row)
+                row += s.num_logits
+            plain = [(s, r) for s, r in zip(need, starts) if not s.spec_token_ids]
+            if plain:
+                seqs = [s.request for s, _ in plain]
+                so = self.sampler.sample(res.logits[[r for _, r in plain]].float(), [r.sampling_params for r in seqs],
                                          [r.output_token_ids for r in seqs],
                                          [self._generators.get(r.request_id) for r in seqs])
                 for i, (r, tok) in enumerate(zip(seqs, so.token_ids)):
                     sampled[r.request_id] = [tok]
                     self._record_logprobs(r, so, i)
+            spec = [(s, r) for s, r in zip(need, starts) if s.spec_token_ids]
+            if spec:
+                sampled.update(self._verify(spec, res.logits))
             self.scheduler.update_from_output(out, sampled)
-            self.scheduler.record_step(out.num_batched_tokens, len(out.scheduled), res.seconds)
+            for s in need:  # verified (or decoded without its drafts): the proposal is used up
+                self._commit_draft(s.request_id, len(sampled.get(s.request_id, ())) - 1 if s.spec_token_ids else 0)
+            self.scheduler.record_step(out.num_batched_tokens, len(out.scheduled), res.seconds + draft_seconds)
             self.stats.steps += 1
             self.stats.last_expert_tokens = (res.expert_tokens.sum(0).tolist()
                                              if res.expert_tokens is not None else None)
@@ -145,6 +198,94 @@ class EngineCore:
         outputs = self._check_stops(sampled)
         self._refresh_stats()
         return outputs
+
+    # ------------------------------------------------------------ speculative decoding
+
+    def _propose(self) -> float:
+        """Drafts for every decoding request that has none for its current length; seconds spent."""
+        k_max, todo, ks = self.config.speculative_tokens, [], []
+        for req in self.scheduler.running:
+            rid, n = req.request_id, req.num_tokens
+            if n - req.num_computed_tokens != 1:
+                continue  # mid-prefill (or readmitted after preemption): nothing to draft after yet
+            p = req.sampling_params
+            k = min(k_max, p.max_tokens - req.num_output_tokens - 1, self.max_model_len - n)
+            prop = self._proposals.get(rid)
+            if prop is not None and prop[0] == n:
+                continue  # proposed earlier, not scheduled since: still valid
+            self._proposals.pop(rid, None)
+            if p.logprobs is not None or k < 1:
+                continue  # logprobs: plain decoding (one distribution per token, read from the sampler)
+            todo.append(req)
+            ks.append(k)
+        if not todo:
+            return 0.0
+        if isinstance(self.drafter, NgramDrafter):
+            for req, k in zip(todo, ks):
+                d = self.drafter.propose(req.all_token_ids)[:k]
+                if d:
+                    self._proposals[req.request_id] = (req.num_tokens, d, None)
+            return 0.0
+        before = self.drafter.seconds
+        got = self.drafter.propose(todo, ks, [self._generators.get(r.request_id) for r in todo])
+        for req, (d, q) in zip(todo, got):
+            if d:
+                self._proposals[req.request_id] = (req.num_tokens, d, q)
+        return self.drafter.seconds - before
+
+    def _verify(self, spec, logits: torch.Tensor) -> Dict[str, List[int]]:
+        """The target's rows for each verified chunk -> its emitted tokens, cut at a stop."""
+        params, hists, rows = [], [], []
+        for s, r in spec:
+            hs = draft_histories(s.request.output_token_ids, s.spec_token_ids)
+            params += [s.request.sampling_params] * len(hs)
+            hists += hs
+            rows += range(r, r + len(hs))
+        probs = processed_probs(logits[rows], params, hists)  # (rows, V)
+        target, drafts, qs, at = [], [], [], 0
+        for s, _ in spec:
+            k = len(s.spec_token_ids)
+            target.append(probs[at:at + k + 1])
+            at += k + 1
+            drafts.append(s.spec_token_ids)
+            q = self._proposals[s.request_id][2]
+            qs.append(q[:k] if q is not None else None)
+        reqs = [s.request for s, _ in spec]
+        emitted = verify(target, drafts, qs, [r.sampling_params.greedy for r in reqs],
+                         [self._generators.get(r.request_id) for r in reqs], self.config.speculative_leniency)
+        out = {}
+        for r, d, e in zip(reqs, drafts, emitted):
+            self.spec_stats.record(len(d), len(e))
+            out[r.request_id] = self._cut_at_stop(r, e)
+        s = self.stats
+        s.spec_drafted, s.spec_accepted = self.spec_stats.drafted, self.spec_stats.accepted
+        return out
+
+    def _cut_at_stop(self, seq: Request, tokens: List[int]) -> List[int]:
+        """Emitted tokens up to and including the first that ends the sequence (a stop token,
+        EOS, or the one that completes a stop string), as plain decoding would stop."""
+        p = seq.sampling_params
+        stop_ids = set(p.stop_token_ids or [])
+        for i, tok in enumerate(tokens):
+            if tok in stop_ids or (tok == self.eos_id and not p.ignore_eos):
+                return tokens[:i + 1]
+        stops = [x for x in ([p.stop] if isinstance(p.stop, str) else (p.stop or [])) if x]
+        if stops and self.tokenizer is not None:
+            for i in range(len(tokens) - 1):
+                text = self.tokenizer.decode(seq.output_token_ids + tokens[:i + 1])
+                if any(x in text for x in stops):
+                    return tokens[:i + 1]
+        return tokens
+
+    def _commit_draft(self, seq_id: str, num_accepted: int) -> None:
+        prop = self._proposals.pop(seq_id, None)
+        if prop is not None and isinstance(self.drafter, DraftModelDrafter):
+            self.drafter.commit(seq_id, prop[0], len(prop[1]), num_accepted)
+
+    def _drop_draft(self, seq_id: str) -> None:
+        self._proposals.pop(seq_id, None)
+        if isinstance(self.drafter, DraftModelDrafter):
+            self.drafter.free(seq_id)
 
     def _record_logprobs(self, seq: Request, so, i: int) -> None:
         g = self._groups[self._seq_group[seq.request_id]]
@@ -164,7 +305,7 @@ class EngineCore:
             for k, seq in enumerate(g.seqs):
                 if seq.request_id in sampled:
                     changed = True
-                    self.stats.generation_tokens += 1
+                    self.stats.generation_tokens += len(sampled[seq.request_id])
                     self._on_token(g, now)
                     if not RequestStatus.is_finished(seq.status):
                         self._maybe_stop(g, k, seq)
@@ -225,6 +366,7 @@ class EngineCore:
     def _forget(self, seq_id: str) -> None:
         self._seq_group.pop(seq_id, None)
         self._generators.pop(seq_id, None)
+        self._drop_draft(seq_id)
 
     def _refresh_stats(self) -> None:
         s = self.stats

@@ -4,6 +4,7 @@
     res = executor.execute([SeqChunk([5, 9, 2], 0, [7], True),      # a prompt
                             SeqChunk([11], 40, [3, 8, 1], True)])   # a decode at position 40
     res.logits  # (2, vocab)
+    executor.execute([SeqChunk([11, 4, 4], 40, [3, 8, 1], True, num_logits=3)])  # a verify: logits at all 3
 
 The executor owns the paged KV cache tensors (one K and one V per layer); the
 KV cache manager decides which block ids a sequence holds, and a chunk brings
@@ -33,11 +34,14 @@ class SeqChunk:
     start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
     block_table: List[int]  # block ids holding positions 0.. of this sequence, in order
     needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
+    # Rows of logits wanted, at the chunk's last num_logits tokens (when needs_logits): 1 for a
+    # decode or a prompt's end, 1 + k for speculative verification (the last token and k drafts).
+    num_logits: int = 1
 
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor  # (chunks needing logits, vocab): each such chunk's last token
+    logits: torch.Tensor  # (sum of num_logits over chunks needing logits, vocab), in chunk order
     expert_tokens: Optional[torch.Tensor]  # (MoE layers, E) assignments per expert this step; None if dense
     experts_touched: List[int]  # distinct experts each MoE layer ran this step
     seconds: float  # wall time of the step, the device synchronised
@@ -91,8 +95,9 @@ class ModelExecutor:
             if len(c.block_table) * bs < n:
                 raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
                                  f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
-            if c.needs_logits and not c.token_ids:
-                raise ValueError(f"chunk {i} has no tokens but asks for logits")
+            if c.needs_logits and not 1 <= c.num_logits <= len(c.token_ids):
+                raise ValueError(f"chunk {i} has {len(c.token_ids)} tokens but asks for logits at "
+                                 f"{c.num_logits} of them; ask for 1..{len(c.token_ids)}")
             pos = range(c.start_pos, n)
             tokens += c.token_ids
             positions += pos
@@ -100,7 +105,7 @@ class ModelExecutor:
             qsl.append(len(tokens))
             seq_lens.append(n)
             if c.needs_logits:
-                logits_idx.append(len(tokens) - 1)
+                logits_idx += range(len(tokens) - c.num_logits, len(tokens))
         tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
                               dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
         qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)

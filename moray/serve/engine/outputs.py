@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from moray.serve.engine.speculative import SpecStats
+
 
 @dataclass
 class CompletionOutput:
@@ -78,8 +80,11 @@ class EngineStats:
     generation_tokens: int = 0
     num_preemptions: int = 0
     steps: int = 0
-    spec_drafted: int = 0
-    spec_accepted: int = 0
+    spec_drafted: int = 0  # = spec.drafted
+    spec_accepted: int = 0  # = spec.accepted
+    # Speculative decoding: drafted, accepted, emitted, verification steps, acceptance_rate,
+    # mean_accepted_length (all zero while it is off).
+    spec: SpecStats = field(default_factory=SpecStats)
     time_to_first_token_s: List[float] = field(default_factory=list)
     inter_token_latency_s: List[float] = field(default_factory=list)
     e2e_latency_s: List[float] = field(default_factory=list)

@@ -13,6 +13,18 @@ earlier output. The policy, in order of priority:
    of the budget is cut into chunks (chunked prefill). Prefix-cache hits are
    taken at admission, so only the rest of the prompt is scheduled.
 
+Speculative decoding: `schedule(spec_token_ids)` takes the drafts proposed for
+decoding requests; such a request's chunk is its last token and its drafts
+(1 + k tokens, drafts cut to what is left of the budget; when its blocks do
+not fit with the drafts it runs without them before anyone is preempted),
+and every one of those positions gets logits. `update_from_output` then takes
+1..k + 1 tokens for it (the accepted drafts and one more), appends them,
+and counts as computed the tokens whose KV is right: the known ones and the
+accepted drafts. A rejected draft's slot is overwritten by the next step's
+chunk (positions are slots); a block allocated past the new length stays in
+the table and is filled as the request grows (at most one per request), so
+nothing is freed mid-request.
+
 When a running request finds no free block, the newest running request is
 preempted (its blocks freed, back to the front of the waiting queue, to be
 recomputed later from all its tokens) until it fits; no waiting request is
@@ -43,6 +55,13 @@ class ScheduledRequest:
     token_ids: list[int]  # all_token_ids[start_pos:start_pos + num_new_tokens]
     block_table: list[int]
     needs_logits: bool  # the chunk ends at the last known token: sample after it
+    # Drafts appended after the known tokens (token_ids ends with them; num_new_tokens counts
+    # them): the target scores every position from the last known token on.
+    spec_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_logits(self) -> int:
+        return 1 + len(self.spec_token_ids) if self.needs_logits else 0
 
     @property
     def request_id(self) -> str:
@@ -182,9 +201,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ a step
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, spec_token_ids: Optional[dict[str, list[int]]] = None) -> SchedulerOutput:
+        """spec_token_ids: request id -> drafts, for requests that are decoding (others ignored)."""
         out = SchedulerOutput(token_budget=self._token_budget())
         chunks: dict[str, tuple[Request, int]] = {}  # request id -> (request, num_new_tokens)
+        drafts: dict[str, list[int]] = {}  # of the scheduled, those verifying drafts
+        spec_token_ids = spec_token_ids or {}
         used = 0  # tokens scheduled so far
 
         def room(want: int) -> int:
@@ -197,6 +219,7 @@ class Scheduler:
             victim = self.running.pop()
             if victim.request_id in chunks:  # scheduled earlier this step: take it back
                 used -= chunks.pop(victim.request_id)[1]
+                drafts.pop(victim.request_id, None)
             self.kv.free(victim)
             victim.status = RequestStatus.PREEMPTED
             victim.num_computed_tokens = 0
@@ -214,15 +237,23 @@ class Scheduler:
             if self.kv.blocks_for(req.num_tokens) > self.kv.num_usable_blocks:
                 self._abort(req, self._too_large(req))
                 continue
-            n = room(req.num_tokens - req.num_computed_tokens)
+            known = req.num_tokens - req.num_computed_tokens
+            spec = spec_token_ids.get(req.request_id) or [] if known == 1 else []
+            n = room(known + len(spec))
             if n <= 0:
                 continue  # no budget left for it this step; it keeps its blocks
-            while self.kv.allocate_slots(req, n) is None:
-                if preempt_newest() is req:
-                    break
+            spec = spec[:n - known]
+            if spec and self.kv.allocate_slots(req, n) is None:
+                spec, n = [], known  # no room for the drafts: decode plainly before preempting anyone
+            if not spec:
+                while self.kv.allocate_slots(req, n) is None:
+                    if preempt_newest() is req:
+                        break
             if req.status == RequestStatus.RUNNING:
                 chunks[req.request_id] = (req, n)
                 used += n
+                if spec:
+                    drafts[req.request_id] = spec
 
         # 3: waiting requests, first come first served, unless this step preempted.
         while self.waiting and not out.preempted and len(self.running) < self.max_num_seqs:
@@ -257,9 +288,11 @@ class Scheduler:
 
         for req, n in chunks.values():
             start = req.num_computed_tokens
+            spec = drafts.get(req.request_id, [])
+            end = start + n - len(spec)  # the known tokens end here; drafts follow
             out.scheduled.append(ScheduledRequest(
-                req, n, start, req.token_ids_slice(start, start + n),
-                self.kv.block_table(req.request_id), start + n == req.num_tokens))
+                req, n, start, req.token_ids_slice(start, end) + spec,
+                self.kv.block_table(req.request_id), end == req.num_tokens, list(spec)))
         out.num_batched_tokens = used
         out.aborted, self._aborted = self._aborted, []
         return out
@@ -271,26 +304,36 @@ class Scheduler:
                 "lower max_tokens or give the cache more blocks")
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
-        """Advance every scheduled request past its chunk; append what was sampled after it."""
+        """Advance every scheduled request past its chunk; append what was sampled after it.
+
+        A request that verified k drafts takes 1..k + 1 tokens, the accepted drafts first;
+        they stop at max_tokens (the rest dropped), and its computed tokens end after the
+        last accepted draft (the KV of a rejected one is wrong and is overwritten next step).
+        """
         for s in output.scheduled:
             req = s.request
             if req.status != RequestStatus.RUNNING:  # aborted or finished while the step ran
                 continue
-            req.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(req)
+            spec = s.spec_token_ids
+            req.num_computed_tokens += s.num_new_tokens - len(spec)
             if not s.needs_logits:
+                self.kv.cache_full_blocks(req)
                 continue
             new_ids = sampled.get(req.request_id)
             if not new_ids:
                 raise ValueError(f"request {req.request_id!r}: its chunk ended at its last known token "
                                  "(needs_logits) but `sampled` has no token for it; sample one, or "
                                  "finish_request() it before update_from_output()")
+            if len(new_ids) > len(spec) + 1 or list(new_ids[:-1]) != spec[:len(new_ids) - 1]:
+                raise ValueError(f"request {req.request_id!r}: {len(new_ids)} tokens {list(new_ids)} for a chunk "
+                                 f"with drafts {spec}; give the accepted drafts, in order, then one token")
             max_tokens = getattr(req.sampling_params, "max_tokens", None)
-            for tok in new_ids:
-                req.append_output_token_ids(tok)
-                if max_tokens is not None and req.num_output_tokens >= max_tokens:
-                    self.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
-                    break
+            take = list(new_ids) if max_tokens is None else list(new_ids[:max(1, max_tokens - req.num_output_tokens)])
+            req.append_output_token_ids(take)
+            req.num_computed_tokens += len(take) - 1  # the accepted drafts' KV is in the cache
+            self.kv.cache_full_blocks(req)
+            if max_tokens is not None and req.num_output_tokens >= max_tokens:
+                self.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
 
     # ---------------------------------------------------- the latency bound
 

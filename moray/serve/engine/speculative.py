@@ -25,14 +25,25 @@ output is no longer the target's distribution. What one emits is, in closed form
 
 which is p at c = 1 and drifts towards q as c grows; `measure_emitted` measures it by
 Monte Carlo and `total_variation` states the cost.
+
+In the engine (core.py): each step a drafter (`NgramDrafter`, or `DraftModelDrafter`:
+a small model with its own paged KV cache, kept in step with the target) proposes up to
+k tokens for every decoding request; the target scores them in one pass; `verify`
+turns the target's logits into the request's sampling distribution (`processed_probs`:
+the sampler's penalties, temperature, min-p, top-k, top-p) and applies the rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from moray.serve.engine.executor import ModelExecutor, SeqChunk
+from moray.serve.engine.kv_cache import KVCacheManager
+from moray.serve.engine.request import Request
+from moray.serve.engine.sampling import SamplingParams, apply_min_p, apply_penalties, apply_top_k_top_p
 
 _MEASURE_FLOATS = 1 << 24  # measure_emitted's working set per call (64 MiB of float32)
 
@@ -189,6 +200,180 @@ class NgramDrafter:
         return []
 
 
+# ---------------------------------------------------------------- the engine's side
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[List[int]],
+                    prompts: Optional[Sequence[List[int]]] = None) -> torch.Tensor:
+    """What the sampler draws from, as probabilities: logits (R, V) -> (R, V).
+
+    The Sampler's order (penalties over `histories`, the output tokens before each row ->
+    temperature -> min_p -> top_k / top_p -> softmax); a greedy row is one-hot at the argmax
+    of its penalised logits, which is the token the sampler would pick.
+    """
+    x = logits.float()
+    R, V = x.shape
+    dev = x.device
+    pen = [i for i, p in enumerate(params) if p.has_penalties]
+    if pen:
+        idx = torch.tensor(pen, device=dev)
+        x = x.index_copy(0, idx, apply_penalties(x[idx], [params[i] for i in pen], [histories[i] for i in pen],
+                                                 [prompts[i] for i in pen] if prompts is not None else None))
+    probs = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        idx = torch.tensor(rand, device=dev)
+        rp = [params[i] for i in rand]
+        y = x[idx] / torch.tensor([p.temperature for p in rp], device=dev)[:, None]
+        if any(p.min_p > 0 for p in rp):
+            y = apply_min_p(y, torch.tensor([p.min_p for p in rp], device=dev))
+        if any(p.top_k > 0 or p.top_p < 1 for p in rp):
+            k = torch.tensor([p.top_k if p.top_k > 0 else V for p in rp], device=dev)
+            y = apply_top_k_top_p(y, k, torch.tensor([p.top_p for p in rp], device=dev))
+        probs = probs.index_copy(0, idx, y.softmax(-1))
+    return probs
+
+
+def draft_histories(output_token_ids: List[int], drafts: List[int]) -> List[List[int]]:
+    """The output before each of the k + 1 verified positions: output, output + x_1, ..."""
+    return [output_token_ids + drafts[:i] for i in range(len(drafts) + 1)]
+
+
+def verify(target_probs: Sequence[torch.Tensor], drafts: Sequence[List[int]],
+           draft_probs: Sequence[Optional[torch.Tensor]], greedy: Sequence[bool],
+           generators: Sequence[Optional[torch.Generator]], leniency: float = 0.0) -> List[List[int]]:
+    """Per sequence: target_probs (k + 1, V) from processed_probs, its k drafts, their draft
+    probabilities (k, V) or None (a deterministic drafter) -> the emitted tokens (1..k + 1).
+
+    A greedy sequence accepts while the draft is the target's argmax, then takes the
+    target's own token (no randomness). The rest go through rejection_sample_batch, one
+    call per group of equal k and drafter kind; a seeded sequence alone, on its own
+    generator (on the CPU, where the engine keeps it), so its tokens do not depend on
+    the batch.
+    """
+    out: List[Optional[List[int]]] = [None] * len(drafts)
+    groups: Dict[tuple, List[int]] = {}
+    for i, (p, d) in enumerate(zip(target_probs, drafts)):
+        if greedy[i]:
+            t = p.argmax(-1).tolist()
+            a = 0
+            while a < len(d) and d[a] == t[a]:
+                a += 1
+            out[i] = list(d[:a]) + [t[a]]
+        else:
+            key = (len(d), draft_probs[i] is None, i if generators[i] is not None else -1)
+            groups.setdefault(key, []).append(i)
+    for (k, deterministic, _), rows in groups.items():
+        gen = generators[rows[0]]
+        dev = torch.device("cpu") if gen is not None else target_probs[rows[0]].device
+        p = torch.stack([target_probs[i] for i in rows]).to(dev)  # (N, k + 1, V)
+        q = None if deterministic else torch.stack([draft_probs[i] for i in rows]).to(dev)
+        x = torch.tensor([list(drafts[i]) for i in rows], dtype=torch.long, device=dev).view(len(rows), k)
+        tokens, n = rejection_sample_batch(x, q, p, gen, leniency)
+        for j, i in enumerate(rows):
+            out[i] = tokens[j, : int(n[j])].tolist()
+    return out  # type: ignore[return-value]
+
+
+class DraftModelDrafter:
+    """A small model with the target's vocabulary drafts k tokens per sequence, greedily for
+    greedy requests, else by sampling its own processed distribution (which it returns as q).
+
+    It keeps its own paged KV cache (its ModelExecutor and KVCacheManager, prefix caching
+    on), one shadow sequence per target request sharing the target's token lists. A
+    proposal first catches the draft up on the tokens it has not computed (the whole prompt
+    the first time: its prefill, in one chunk; later the one or two tokens the last
+    verification emitted), then decodes k - 1 more. `commit` rolls the draft back to what
+    the target accepted: its computed tokens end after the last accepted draft it holds
+    KV for, and the rest of its slots are overwritten next time.
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int, k: int, dtype=None, device=None,
+                 enable_prefix_caching: bool = True):
+        self.k = k
+        self.executor = ModelExecutor(model, num_blocks, block_size, dtype=dtype, device=device)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.max_len = model.rope_cos.shape[0]
+        self._seqs: Dict[str, Request] = {}  # target request id -> the draft's shadow sequence
+        self.seconds = 0.0  # time spent in the draft model's forwards
+
+    def propose(self, requests: Sequence[Request], ks: Sequence[int],
+                generators: Sequence[Optional[torch.Generator]]) -> List[Tuple[List[int], Optional[torch.Tensor]]]:
+        """Up to ks[i] drafts for each request (fewer, or none, where the draft's cache or context
+        has no room) and their probabilities (k_i, V), or None for a greedy request."""
+        out: List[Tuple[List[int], Optional[torch.Tensor]]] = [([], None)] * len(requests)
+        live, chunks = [], []  # (index, shadow, k, n)
+        for i, (req, k) in enumerate(zip(requests, ks)):
+            n = req.num_tokens
+            k = min(k, self.max_len - n + 1)  # the last draft is fed at position n + k - 2
+            if k < 1:
+                continue
+            seq = self._seqs.get(req.request_id)
+            if seq is None:
+                seq = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
+                              output_token_ids=req.output_token_ids)  # the same lists: it sees every new token
+                hit_blocks, hits = self.kv.get_computed_blocks(seq)
+                if self.kv.allocate_slots(seq, n - hits + k - 1, hit_blocks) is None:
+                    continue
+                seq.num_computed_tokens = hits
+                self._seqs[req.request_id] = seq
+            else:
+                seq.num_computed_tokens = min(seq.num_computed_tokens, n - 1)  # the last token is fed again
+                if self.kv.allocate_slots(seq, n - seq.num_computed_tokens + k - 1) is None:
+                    continue
+            c = seq.num_computed_tokens
+            live.append((i, seq, k, n))
+            chunks.append(SeqChunk(seq.token_ids_slice(c, n), c, self.kv.block_table(seq.request_id), True))
+        if not live:
+            return out
+        drafts: List[List[int]] = [[] for _ in live]
+        probs: List[List[torch.Tensor]] = [[] for _ in live]
+        active = list(range(len(live)))
+        for step in range(max(k for _, _, k, _ in live)):
+            res = self.executor.execute(chunks)
+            self.seconds += res.seconds
+            reqs = [live[j][1] for j in active]
+            q = processed_probs(res.logits, [r.sampling_params for r in reqs],
+                                [r.output_token_ids + drafts[j] for r, j in zip(reqs, active)])
+            for row, j in enumerate(active):
+                g = generators[live[j][0]]
+                if reqs[row].sampling_params.greedy:
+                    tok = int(q[row].argmax())
+                else:
+                    qr = q[row].cpu() if g is not None else q[row]
+                    tok = int(torch.multinomial(qr, 1, generator=g))
+                    probs[j].append(q[row])
+                drafts[j].append(tok)
+            active = [j for j in active if len(drafts[j]) < live[j][2]]
+            chunks = [SeqChunk([drafts[j][-1]], live[j][3] + len(drafts[j]) - 1,
+                               self.kv.block_table(live[j][1].request_id), True) for j in active]
+            if not active:
+                break
+        for j, (i, seq, k, n) in enumerate(live):
+            seq.num_computed_tokens = n  # verified; the drafts' KV sits past it until commit
+            self.kv.cache_full_blocks(seq)
+            out[i] = (drafts[j], torch.stack(probs[j]) if probs[j] else None)
+        return out
+
+    def commit(self, request_id: str, num_tokens_proposed_at: int, num_drafts: int, num_accepted: int) -> None:
+        """After verification: the draft holds KV for its first num_drafts - 1 drafts past
+        num_tokens_proposed_at; of those, the accepted ones are now the target's tokens too."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        seq.num_computed_tokens = min(num_tokens_proposed_at + min(num_accepted, num_drafts - 1), seq.num_tokens - 1)
+        self.kv.cache_full_blocks(seq)
+
+    def free(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.kv.free(seq)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._seqs)
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -227,4 +412,5 @@ class SpecStats:
 
 
 __all__ = ["rejection_sample", "rejection_sample_batch", "total_variation", "lenient_distribution",
-           "EmittedDistribution", "measure_emitted", "NgramDrafter", "SpecStats"]
+           "EmittedDistribution", "measure_emitted", "NgramDrafter", "DraftModelDrafter", "processed_probs",
+           "draft_histories", "verify", "SpecStats"]
