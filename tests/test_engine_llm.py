@@ -127,3 +127,15 @@ def test_the_async_engine_streams_tokens_and_aborts(model, prompts):
     assert streamed[-1] == _alone(model, prompts[0])
     assert got == 3 and not engine.core.has_unfinished_requests()
     assert engine.core.kv.usage == 0.0  # the aborted request's blocks are free
+
+
+def test_the_serve_section_configures_the_engine(model):
+    from moray.platform.config import load_config
+    from moray.platform.planner.inference import kv_cache_bytes_per_token
+
+    serve = load_config("configs/tiny.yaml", ["serve.max_num_seqs=3", "serve.kv_cache_blocks=40",
+                                              "serve.speculative_method=ngram"]).serve
+    cfg = EngineConfig.from_serve(serve)
+    assert (cfg.max_num_seqs, cfg.kv_cache_blocks, cfg.speculative_method, cfg.dtype) == (3, 40, "ngram", "bfloat16")
+    core = EngineCore(model, CFG, cfg)
+    assert core.executor.kv_bytes_per_token == kv_cache_bytes_per_token(CFG, 2)  # as moray plan counts it

@@ -105,17 +105,26 @@ class TrainConfig(_Section):
 
 
 class ServeConfig(_Section):
+    # The engine's keys carry moray.serve.engine.EngineConfig's names (EngineConfig.from_serve).
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     model_name: str = "moray"
-    max_num_seqs: int = 64  # sequences in one engine step
-    max_batch_tokens: int = 2048  # token budget of one engine step (prefill chunks + decodes)
-    max_step_latency_ms: Optional[float] = None  # shrink batches to keep a step under this
-    kv_block_size: int = 16  # tokens per KV-cache block
-    kv_cache_blocks: Optional[int] = None  # None = size from free memory
-    max_tokens_default: int = 128
-    draft_config: Optional[str] = None  # config of a draft model for speculative decoding
-    speculative_tokens: int = 4
+    max_num_seqs: int = Field(64, ge=1)  # sequences in one engine step
+    max_batch_tokens: int = Field(2048, ge=1)  # token budget of one engine step (prefill chunks + decodes)
+    max_step_latency_ms: Optional[float] = Field(None, gt=0)  # shrink batches to keep a step under this
+    kv_block_size: int = Field(16, ge=1)  # tokens per KV-cache block
+    kv_cache_blocks: Optional[int] = Field(None, ge=2)  # None = size from kv_cache_memory_mb
+    kv_cache_memory_mb: float = Field(512.0, gt=0)
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    max_model_len: Optional[int] = Field(None, ge=1)  # prompt + output; None = model.max_seq_len
+    max_tokens_default: int = Field(128, ge=1)
+    speculative_method: Optional[Literal["ngram", "draft"]] = None  # speculative decoding; None = off
+    speculative_tokens: int = Field(4, ge=1)  # drafts per request per step
+    speculative_leniency: float = Field(0.0, ge=0)  # the acceptance knob above the exact rule (biases output)
+    draft_model: Optional[str] = None  # "draft": a smaller model with the same tokenizer (any path LLM takes)
+    ngram_min_n: int = Field(2, ge=1)
+    ngram_max_n: int = Field(4, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the serving engine's weights and KV dtype
     # The planner's routing model: each MoE layer's share of routed assignments per expert, one row
     # for every layer or one per layer, as bench/serve_experts.py measures them; None = uniform.

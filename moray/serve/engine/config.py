@@ -56,6 +56,13 @@ class EngineConfig:
                              "1 <= min <= max")
 
     @classmethod
+    def from_serve(cls, serve: Any, **extra) -> "EngineConfig":
+        """From the config's `serve` section (any object with these attribute names): the KV cache
+        and weights in serve.dtype, as `moray plan` counts them."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{n: getattr(serve, n) for n in names if hasattr(serve, n)}, **extra})
+
+    @classmethod
     def from_overrides(cls, overrides: Dict[str, Any]) -> "EngineConfig":
         """Keyword arguments as LLM(path, **overrides) takes them; an unknown one is named."""
         known = {f.name for f in fields(cls)}
