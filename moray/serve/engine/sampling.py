@@ -170,6 +170,37 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[List[int]],
+                    prompts: Optional[Sequence[List[int]]] = None) -> torch.Tensor:
+    """What the sampler draws from, as probabilities: logits (R, V) -> (R, V).
+
+    The Sampler's order (penalties over `histories`, the output tokens before each row ->
+    temperature -> min_p -> top_k / top_p -> softmax); a greedy row is one-hot at the argmax
+    of its penalised logits, which is the token the sampler would pick.
+    """
+    x = logits.float()
+    R, V = x.shape
+    dev = x.device
+    pen = [i for i, p in enumerate(params) if p.has_penalties]
+    if pen:
+        idx = torch.tensor(pen, device=dev)
+        x = x.index_copy(0, idx, apply_penalties(x[idx], [params[i] for i in pen], [histories[i] for i in pen],
+                                                 [prompts[i] for i in pen] if prompts is not None else None))
+    probs = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        idx = torch.tensor(rand, device=dev)
+        rp = [params[i] for i in rand]
+        y = x[idx] / torch.tensor([p.temperature for p in rp], device=dev)[:, None]
+        if any(p.min_p > 0 for p in rp):
+            y = apply_min_p(y, torch.tensor([p.min_p for p in rp], device=dev))
+        if any(p.top_k > 0 or p.top_p < 1 for p in rp):
+            k = torch.tensor([p.top_k if p.top_k > 0 else V for p in rp], device=dev)
+            y = apply_top_k_top_p(y, k, torch.tensor([p.top_p for p in rp], device=dev))
+        probs = probs.index_copy(0, idx, y.softmax(-1))
+    return probs
+
+
 # ---------------------------------------------------------------- the sampler
 
 
@@ -187,27 +218,15 @@ class Sampler:
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
 
-        pen = [i for i, p in enumerate(params) if p.has_penalties]
-        if pen:
-            idx = torch.tensor(pen, device=dev)
-            logits = logits.index_copy(0, idx, apply_penalties(
-                logits[idx], [params[i] for i in pen], [output_token_ids[i] for i in pen],
-                [prompt_token_ids[i] for i in pen] if prompt_token_ids is not None else None))
-
-        tokens = logits.argmax(-1)  # right for greedy rows; random rows overwritten below
+        # The distribution each row draws from (greedy rows: one-hot at their argmax); the
+        # speculative verifier uses the same function, so both sample from one definition.
+        probs = processed_probs(logits, params, output_token_ids, prompt_token_ids)
+        tokens = probs.argmax(-1)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             idx = torch.tensor(rand, device=dev)
-            rp = [params[i] for i in rand]
-            x = logits[idx] / torch.tensor([p.temperature for p in rp], device=dev)[:, None]
-            if any(p.min_p > 0 for p in rp):
-                x = apply_min_p(x, torch.tensor([p.min_p for p in rp], device=dev))
-            if any(p.top_k > 0 or p.top_p < 1 for p in rp):
-                k = torch.tensor([p.top_k if p.top_k > 0 else V for p in rp], device=dev)
-                x = apply_top_k_top_p(x, k, torch.tensor([p.top_p for p in rp], device=dev))
-            probs = x.softmax(-1)
             q = self._exponentials(len(rand), V, [generators[i] for i in rand], dev)
-            tokens = tokens.index_copy(0, idx, (probs / q).argmax(-1))
+            tokens = tokens.index_copy(0, idx, (probs[idx] / q).argmax(-1))
 
         token_list = tokens.tolist()
         if not want_logprobs:

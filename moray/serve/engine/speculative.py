@@ -43,7 +43,7 @@ import torch
 from moray.serve.engine.executor import ModelExecutor, SeqChunk
 from moray.serve.engine.kv_cache import KVCacheManager
 from moray.serve.engine.request import Request
-from moray.serve.engine.sampling import SamplingParams, apply_min_p, apply_penalties, apply_top_k_top_p
+from moray.serve.engine.sampling import processed_probs
 
 _MEASURE_FLOATS = 1 << 24  # measure_emitted's working set per call (64 MiB of float32)
 
@@ -201,37 +201,6 @@ class NgramDrafter:
 
 
 # ---------------------------------------------------------------- the engine's side
-
-
-def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[List[int]],
-                    prompts: Optional[Sequence[List[int]]] = None) -> torch.Tensor:
-    """What the sampler draws from, as probabilities: logits (R, V) -> (R, V).
-
-    The Sampler's order (penalties over `histories`, the output tokens before each row ->
-    temperature -> min_p -> top_k / top_p -> softmax); a greedy row is one-hot at the argmax
-    of its penalised logits, which is the token the sampler would pick.
-    """
-    x = logits.float()
-    R, V = x.shape
-    dev = x.device
-    pen = [i for i, p in enumerate(params) if p.has_penalties]
-    if pen:
-        idx = torch.tensor(pen, device=dev)
-        x = x.index_copy(0, idx, apply_penalties(x[idx], [params[i] for i in pen], [histories[i] for i in pen],
-                                                 [prompts[i] for i in pen] if prompts is not None else None))
-    probs = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
-    rand = [i for i, p in enumerate(params) if not p.greedy]
-    if rand:
-        idx = torch.tensor(rand, device=dev)
-        rp = [params[i] for i in rand]
-        y = x[idx] / torch.tensor([p.temperature for p in rp], device=dev)[:, None]
-        if any(p.min_p > 0 for p in rp):
-            y = apply_min_p(y, torch.tensor([p.min_p for p in rp], device=dev))
-        if any(p.top_k > 0 or p.top_p < 1 for p in rp):
-            k = torch.tensor([p.top_k if p.top_k > 0 else V for p in rp], device=dev)
-            y = apply_top_k_top_p(y, k, torch.tensor([p.top_p for p in rp], device=dev))
-        probs = probs.index_copy(0, idx, y.softmax(-1))
-    return probs
 
 
 def draft_histories(output_token_ids: List[int], drafts: List[int]) -> List[List[int]]:
