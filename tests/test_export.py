@@ -8,7 +8,6 @@ fp32 masters). Everything else runs in this process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,10 +21,10 @@ from moray.model.hf import load_moray_dir, save_hf_dir
 from moray.platform.cli import main as moray_cli
 from moray.platform.init_weights import InitFromError, check_init_from
 
-# transformers is imported where it is used: the spawned ranks import this module, and
-# importing Mixtral in each of them costs more than the training they do.
-pytestmark = [pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers"),
-              pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+# transformers (a test dependency: a missing one fails, never skips) is imported where it is
+# used: the spawned ranks import this module, and importing Mixtral in each of them costs more
+# than the training they do.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 # init_std 0.1 (not 0.02): logits of order 1, so a 1e-4 agreement means something.
 MODEL = dict(init_std=0.1)
