@@ -39,6 +39,19 @@ class SeqChunk:
     num_logits: int = 1
 
 
+class ExecutorFailure(RuntimeError):
+    """The executor lost its workers mid-step (a stage actor or its node died) and has rebuilt them.
+
+    Every in-flight step is void and the KV cache is empty again (`lost_kv`): the engine core
+    re-queues every running request, to be recomputed from its prompt and the tokens it already
+    produced, and drops its prefix cache. `cause` says what died; `rebuild_seconds` what it cost.
+    """
+
+    def __init__(self, cause: str, rebuild_seconds: float = 0.0, lost_kv: bool = True):
+        super().__init__(f"{cause} (rebuilt in {rebuild_seconds:.1f} s)")
+        self.cause, self.rebuild_seconds, self.lost_kv = cause, rebuild_seconds, lost_kv
+
+
 @dataclass
 class StepResult:
     logits: torch.Tensor  # (sum of num_logits over chunks needing logits, vocab), in chunk order
@@ -48,6 +61,14 @@ class StepResult:
 
 
 class ModelExecutor:
+    """In-process: `execute` runs a step to the end. The interface the engine core uses, which the
+    Ray executor shares: num_blocks, block_size, dtype, device, kv_bytes_per_token,
+    execute(chunks) -> StepResult, and, for pipelines, max_inflight steps at once through
+    submit(chunks) -> handle and collect(handle) -> StepResult (collected in submission order);
+    a lost worker raises ExecutorFailure from execute or collect."""
+
+    max_inflight = 1  # steps that may be submitted before the oldest is collected
+
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
                  dtype: Optional[torch.dtype] = None, device=None):
         if num_blocks < 1 or block_size < 1:
@@ -128,3 +149,10 @@ class ModelExecutor:
             torch.cuda.synchronize(self.device)
         return StepResult(logits, stats.expert_tokens if stats else None, stats.experts_touched if stats else [],
                           time.perf_counter() - t0)
+
+    def submit(self, chunks: List[SeqChunk]) -> StepResult:
+        """In process there is nothing to overlap: the step runs now; collect() hands it back."""
+        return self.execute(chunks)
+
+    def collect(self, handle: StepResult) -> StepResult:
+        return handle
