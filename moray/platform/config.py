@@ -126,6 +126,11 @@ class ServeConfig(_Section):
     ngram_min_n: int = Field(2, ge=1)
     ngram_max_n: int = Field(4, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the serving engine's weights and KV dtype
+    # Model parallelism over Ray stage actors: pipeline stages x tensor ranks x expert shards (1 = in process).
+    pp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
     # The planner's routing model: each MoE layer's share of routed assignments per expert, one row
     # for every layer or one per layer, as bench/serve_experts.py measures them; None = uniform.
     expert_shares: Optional[List[List[float]]] = None

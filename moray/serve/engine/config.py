@@ -30,9 +30,15 @@ class EngineConfig:
     draft_model: Optional[str] = None  # "draft": a path load_for_serving takes, same vocabulary as the target
     ngram_min_n: int = 2  # "ngram": the shortest suffix looked up in the sequence so far
     ngram_max_n: int = 4  # and the longest (tried first)
+    # Model parallelism across Ray stage actors (moray/actors/serve_gang.py): pipeline stages,
+    # tensor-parallel ranks per stage, expert shards per stage. All 1 = the model runs in process.
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+    cpus_per_actor: float = 1.0  # each stage actor's CPUs (its torch threads)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_batch_tokens", "kv_block_size"):
+        for name in ("max_num_seqs", "max_batch_tokens", "kv_block_size", "pp", "tp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
@@ -54,6 +60,11 @@ class EngineConfig:
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:
             raise ValueError(f"serve.ngram_min_n ({self.ngram_min_n}) and ngram_max_n ({self.ngram_max_n}) need "
                              "1 <= min <= max")
+
+    @property
+    def gang_size(self) -> int:
+        """Stage actors this engine runs on (1: in process, no Ray)."""
+        return self.pp * self.tp * self.ep
 
     @classmethod
     def from_serve(cls, serve: Any, **extra) -> "EngineConfig":

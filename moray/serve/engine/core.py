@@ -21,14 +21,16 @@ for logprobs decode plainly. `stats.spec` counts drafted and accepted tokens.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from moray.serve.engine.config import EngineConfig
-from moray.serve.engine.executor import ModelExecutor, SeqChunk
+from moray.serve.engine.executor import ExecutorFailure, ModelExecutor, SeqChunk
 from moray.serve.engine.kv_cache import KVCacheManager
 from moray.serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from moray.serve.engine.request import Request, RequestStatus
@@ -37,6 +39,7 @@ from moray.serve.engine.scheduler import Scheduler
 from moray.serve.engine.speculative import (DraftModelDrafter, NgramDrafter, SpecStats, draft_histories,
                                             processed_probs, verify)
 
+log = logging.getLogger(__name__)
 FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                   RequestStatus.FINISHED_ABORTED: "abort"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,15 +63,19 @@ class _Group:
 
 class EngineCore:
     def __init__(self, model, model_cfg, config: EngineConfig, tokenizer=None, draft_model=None,
-                 draft_model_cfg=None):
+                 draft_model_cfg=None, executor=None):
         """draft_model / draft_model_cfg: an in-memory draft for speculative_method "draft"
-        (else config.draft_model is loaded)."""
+        (else config.draft_model is loaded). executor: one built elsewhere (the Ray stage gang,
+        ray_executor.py), with its KV cache sized already; `model` is then None."""
         self.config, self.model_cfg, self.tokenizer = config, model_cfg, tokenizer
-        dtype = _DTYPES[config.dtype] if config.dtype else next(model.parameters()).dtype
         self.max_model_len = config.max_model_len or model_cfg.max_seq_len
-        blocks = config.kv_cache_blocks or ModelExecutor.blocks_for_budget(
-            model_cfg, config.kv_block_size, int(config.kv_cache_memory_mb * 2**20), dtype)
-        self.executor = ModelExecutor(model, blocks, config.kv_block_size, dtype=dtype, device=config.device)
+        if executor is None:
+            dtype = _DTYPES[config.dtype] if config.dtype else next(model.parameters()).dtype
+            blocks = config.kv_cache_blocks or ModelExecutor.blocks_for_budget(
+                model_cfg, config.kv_block_size, int(config.kv_cache_memory_mb * 2**20), dtype)
+            executor = ModelExecutor(model, blocks, config.kv_block_size, dtype=dtype, device=config.device)
+        dtype, blocks = executor.dtype, executor.num_blocks
+        self.executor = executor
         self.kv = KVCacheManager(blocks, config.kv_block_size, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_batch_tokens,
                                    max_step_latency_ms=config.max_step_latency_ms,
@@ -82,6 +89,10 @@ class EngineCore:
         self.drafter = self._build_drafter(blocks, dtype, draft_model, draft_model_cfg)
         self.spec_stats: SpecStats = self.stats.spec
         self._proposals: Dict[str, tuple] = {}  # seq id -> (num_tokens when proposed, drafts, probs or None)
+        # Steps submitted and not yet collected (a pipelined executor). Speculative decoding
+        # proposes from the last token, so it runs one step at a time.
+        self._inflight: deque = deque()
+        self._pipelined = getattr(executor, "max_inflight", 1) > 1 and self.drafter is None
 
     def _build_drafter(self, blocks: int, dtype, draft_model, draft_model_cfg):
         c = self.config
@@ -156,8 +167,47 @@ class EngineCore:
     # ------------------------------------------------------------ the step
 
     def step(self) -> List[RequestOutput]:
+        """One engine step: the outputs of the requests that moved. With a pipelined executor
+        (max_inflight > 1) a call tops the pipeline up with new steps and completes the oldest."""
+        if self._pipelined:
+            return self._step_pipelined()
         draft_seconds = self._propose() if self.drafter is not None else 0.0
-        out = self.scheduler.schedule({rid: p[1] for rid, p in self._proposals.items()})
+        out = self._schedule(frozenset())
+        sampled: Dict[str, List[int]] = {}
+        if out.scheduled:
+            try:
+                res = self.executor.execute(self._chunks(out))
+            except ExecutorFailure as err:
+                self._recover(err)
+                return self._finish_step({})
+            sampled = self._apply(out, res, draft_seconds)
+        return self._finish_step(sampled)
+
+    def _step_pipelined(self) -> List[RequestOutput]:
+        """Keep up to max_inflight steps in the pipeline, each over requests no other in-flight
+        step holds (a request's next token needs its last one), then complete the oldest."""
+        while len(self._inflight) < self.executor.max_inflight:
+            busy = frozenset(s.request_id for o, _ in self._inflight for s in o.scheduled)
+            # Share what can run now over the free pipeline slots, so every slot gets work.
+            ready = len(self.scheduler.running) - len(busy) + len(self.scheduler.waiting)
+            slots = self.executor.max_inflight - len(self._inflight)
+            out = self._schedule(busy, max_seqs=max(1, -(-ready // slots)))
+            if not out.scheduled:
+                break
+            self._inflight.append((out, self.executor.submit(self._chunks(out))))
+        if not self._inflight:
+            return self._finish_step({})
+        out, handle = self._inflight.popleft()
+        try:
+            res = self.executor.collect(handle)
+        except ExecutorFailure as err:
+            self._recover(err)
+            return self._finish_step({})
+        return self._finish_step(self._apply(out, res, 0.0))
+
+    def _schedule(self, busy: frozenset, max_seqs: Optional[int] = None):
+        out = self.scheduler.schedule({rid: p[1] for rid, p in self._proposals.items()}, busy=busy,
+                                      max_seqs=max_seqs)
         for rid in out.preempted:  # recomputed from scratch later: so is its draft
             self._drop_draft(rid)
         now = time.monotonic()
@@ -165,39 +215,62 @@ class EngineCore:
             g = self._groups.get(self._seq_group.get(s.request.request_id))
             if g is not None and g.metrics.first_scheduled_time is None:
                 g.metrics.first_scheduled_time = now
+        return out
+
+    @staticmethod
+    def _chunks(out) -> List[SeqChunk]:
+        return [SeqChunk(s.token_ids, s.start_pos, s.block_table, s.needs_logits, max(1, s.num_logits))
+                for s in out.scheduled]
+
+    def _apply(self, out, res, draft_seconds: float) -> Dict[str, List[int]]:
+        """Sample (or verify drafts) from a finished step's logits and advance its requests."""
         sampled: Dict[str, List[int]] = {}
-        if out.scheduled:
-            chunks = [SeqChunk(s.token_ids, s.start_pos, s.block_table, s.needs_logits, max(1, s.num_logits))
-                      for s in out.scheduled]
-            res = self.executor.execute(chunks)
-            need = [s for s in out.scheduled if s.needs_logits]
-            starts, row = [], 0  # each chunk's first logits row
-            for s in need:
-                starts.append(row)
-                row += s.num_logits
-            plain = [(s, r) for s, r in zip(need, starts) if not s.spec_token_ids]
-            if plain:
-                seqs = [s.request for s, _ in plain]
-                so = self.sampler.sample(res.logits[[r for _, r in plain]].float(), [r.sampling_params for r in seqs],
-                                         [r.output_token_ids for r in seqs],
-                                         [self._generators.get(r.request_id) for r in seqs])
-                for i, (r, tok) in enumerate(zip(seqs, so.token_ids)):
-                    sampled[r.request_id] = [tok]
-                    self._record_logprobs(r, so, i)
-            spec = [(s, r) for s, r in zip(need, starts) if s.spec_token_ids]
-            if spec:
-                sampled.update(self._verify(spec, res.logits))
-            self.scheduler.update_from_output(out, sampled)
-            for s in need:  # verified (or decoded without its drafts): the proposal is used up
-                self._commit_draft(s.request_id, len(sampled.get(s.request_id, ())) - 1 if s.spec_token_ids else 0)
-            self.scheduler.record_step(out.num_batched_tokens, len(out.scheduled), res.seconds + draft_seconds)
-            self.stats.steps += 1
-            self.stats.last_expert_tokens = (res.expert_tokens.sum(0).tolist()
-                                             if res.expert_tokens is not None else None)
-            self.stats.last_experts_touched = res.experts_touched
+        need = [s for s in out.scheduled if s.needs_logits]
+        starts, row = [], 0  # each chunk's first logits row
+        for s in need:
+            starts.append(row)
+            row += s.num_logits
+        plain = [(s, r) for s, r in zip(need, starts) if not s.spec_token_ids]
+        live = [(s, r) for s, r in plain if s.request.status == RequestStatus.RUNNING]  # not aborted meanwhile
+        if live:
+            seqs = [s.request for s, _ in live]
+            so = self.sampler.sample(res.logits[[r for _, r in live]].float(), [r.sampling_params for r in seqs],
+                                     [r.output_token_ids for r in seqs],
+                                     [self._generators.get(r.request_id) for r in seqs])
+            for i, (r, tok) in enumerate(zip(seqs, so.token_ids)):
+                sampled[r.request_id] = [tok]
+                self._record_logprobs(r, so, i)
+        spec = [(s, r) for s, r in zip(need, starts) if s.spec_token_ids]
+        if spec:
+            sampled.update(self._verify(spec, res.logits))
+        self.scheduler.update_from_output(out, sampled)
+        for s in need:  # verified (or decoded without its drafts): the proposal is used up
+            self._commit_draft(s.request_id, len(sampled.get(s.request_id, ())) - 1 if s.spec_token_ids else 0)
+        self.scheduler.record_step(out.num_batched_tokens, len(out.scheduled), res.seconds + draft_seconds)
+        self.stats.steps += 1
+        self.stats.last_expert_tokens = (res.expert_tokens.sum(0).tolist()
+                                         if res.expert_tokens is not None else None)
+        self.stats.last_experts_touched = res.experts_touched
+        return sampled
+
+    def _finish_step(self, sampled: Dict[str, List[int]]) -> List[RequestOutput]:
         outputs = self._check_stops(sampled)
         self._refresh_stats()
         return outputs
+
+    def _recover(self, err: ExecutorFailure) -> None:
+        """The executor lost its workers and rebuilt them with an empty KV cache: every step in
+        flight is void, and every running request goes back to the queue, to be recomputed from its
+        prompt and the tokens it already produced (so its output does not change)."""
+        self._inflight.clear()
+        requeued = self.scheduler.requeue_all()
+        for rid in requeued:
+            self._drop_draft(rid)
+        self.stats.executor_failures += 1
+        self.stats.recoveries.append({"cause": err.cause, "rebuild_seconds": err.rebuild_seconds,
+                                      "requeued": len(requeued), "time": time.time()})
+        log.warning("executor failure: %s; rebuilt in %.1f s, %d running requests re-queued",
+                    err.cause, err.rebuild_seconds, len(requeued))
 
     # ------------------------------------------------------------ speculative decoding
 

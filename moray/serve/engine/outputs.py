@@ -93,3 +93,7 @@ class EngineStats:
     # distinct experts each layer touched.
     last_expert_tokens: Optional[List[int]] = None
     last_experts_touched: Optional[List[int]] = None
+    # The executor's lost workers (a stage actor or node died): each rebuild's cause, cost in
+    # seconds and the running requests it re-queued.
+    executor_failures: int = 0
+    recoveries: List[dict] = field(default_factory=list)

@@ -201,8 +201,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ a step
 
-    def schedule(self, spec_token_ids: Optional[dict[str, list[int]]] = None) -> SchedulerOutput:
-        """spec_token_ids: request id -> drafts, for requests that are decoding (others ignored)."""
+    def schedule(self, spec_token_ids: Optional[dict[str, list[int]]] = None,
+                 busy: frozenset = frozenset(), max_seqs: Optional[int] = None) -> SchedulerOutput:
+        """spec_token_ids: request id -> drafts, for requests that are decoding (others ignored).
+
+        busy: ids of running requests whose previous chunk is still in flight (a pipeline holds
+        several steps at once); they are neither scheduled nor preempted until it comes back.
+        max_seqs: at most this many sequences in this step (a pipeline splits its requests
+        over the steps it keeps in flight, so that its stages overlap).
+        """
+        cap = max_seqs if max_seqs is not None else self.max_num_seqs
         out = SchedulerOutput(token_budget=self._token_budget())
         chunks: dict[str, tuple[Request, int]] = {}  # request id -> (request, num_new_tokens)
         drafts: dict[str, list[int]] = {}  # of the scheduled, those verifying drafts
@@ -214,9 +222,13 @@ class Scheduler:
             n = min(want, out.token_budget - used, self._latency_room(used, len(chunks)))
             return n if n > 0 or chunks else min(want, 1)  # at least one token of progress per step
 
-        def preempt_newest() -> Request:
+        def preempt_newest() -> Optional[Request]:
+            """The newest running request that is not in flight, preempted; None if there is none."""
             nonlocal used
-            victim = self.running.pop()
+            free = [i for i, r in enumerate(self.running) if r.request_id not in busy]
+            if not free:
+                return None
+            victim = self.running.pop(free[-1])
             if victim.request_id in chunks:  # scheduled earlier this step: take it back
                 used -= chunks.pop(victim.request_id)[1]
                 drafts.pop(victim.request_id, None)
@@ -229,9 +241,12 @@ class Scheduler:
             return victim
 
         # 1 and 2: running requests, decodes first, then prefill chunks.
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        idle = [r for r in self.running if r.request_id not in busy]
+        decoding = [r for r in idle if r.num_tokens - r.num_computed_tokens == 1]
+        prefilling = [r for r in idle if r.num_tokens - r.num_computed_tokens > 1]
         for req in decoding + prefilling:
+            if len(chunks) >= cap:
+                break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             if self.kv.blocks_for(req.num_tokens) > self.kv.num_usable_blocks:
@@ -247,8 +262,14 @@ class Scheduler:
                 spec, n = [], known  # no room for the drafts: decode plainly before preempting anyone
             if not spec:
                 while self.kv.allocate_slots(req, n) is None:
-                    if preempt_newest() is req:
+                    victim = preempt_newest()
+                    if victim is None:  # only in-flight requests left to take from: wait for them
+                        n = 0
                         break
+                    if victim is req:
+                        break
+            if n == 0:
+                continue
             if req.status == RequestStatus.RUNNING:
                 chunks[req.request_id] = (req, n)
                 used += n
@@ -256,7 +277,7 @@ class Scheduler:
                     drafts[req.request_id] = spec
 
         # 3: waiting requests, first come first served, unless this step preempted.
-        while self.waiting and not out.preempted and len(self.running) < self.max_num_seqs:
+        while self.waiting and not out.preempted and len(self.running) < self.max_num_seqs and len(chunks) < cap:
             req = self.waiting[0]
             if self.kv.blocks_for(req.num_tokens) > self.kv.num_usable_blocks:
                 self._abort(req, self._too_large(req))
@@ -296,6 +317,22 @@ class Scheduler:
         out.num_batched_tokens = used
         out.aborted, self._aborted = self._aborted, []
         return out
+
+    def requeue_all(self) -> list[str]:
+        """Every running request back to the front of the waiting queue, oldest first, its
+        blocks freed, to be recomputed from its prompt and the tokens it produced (the KV cache
+        was lost: the executor's workers were rebuilt). The prefix cache is dropped with it."""
+        ids = []
+        for req in reversed(self.running):
+            self.kv.free(req)
+            req.status = RequestStatus.PREEMPTED
+            req.num_computed_tokens = 0
+            req.num_preemptions += 1
+            self.waiting.appendleft(req)
+            ids.append(req.request_id)
+        self.running.clear()
+        self.kv.reset_prefix_cache()
+        return ids[::-1]
 
     def _too_large(self, req: Request) -> str:
         cap = self.kv.num_usable_blocks * self.kv.block_size
