@@ -139,3 +139,20 @@ def test_the_serve_section_configures_the_engine(model):
     assert (cfg.max_num_seqs, cfg.kv_cache_blocks, cfg.speculative_method, cfg.dtype) == (3, 40, "ngram", "bfloat16")
     core = EngineCore(model, CFG, cfg)
     assert core.executor.kv_bytes_per_token == kv_cache_bytes_per_token(CFG, 2)  # as moray plan counts it
+
+
+def test_n_samples_share_the_prompt_blocks_from_the_first_step(model):
+    """n = 4 on a 64-token prompt (4 full blocks of 16): the prompt is computed once, and its
+    blocks are held once, while all four samples run; the outputs match a run without sharing."""
+    prompt = torch.randint(0, 256, (65,), generator=torch.Generator().manual_seed(9)).tolist()
+    params = SamplingParams(temperature=0.8, max_tokens=4, seed=5, n=4, ignore_eos=True)
+    core = _core(model)
+    core.add_request("r", prompt, params)
+    out = core.scheduler.schedule()
+    computed = sum(s.num_new_tokens for s in out.scheduled)
+    assert computed == 65 + 3 * 1  # the first sample computes all, each sibling only its last token
+    core.scheduler.update_from_output(out, {s.request_id: [1] for s in out.scheduled})
+    assert core.kv.num_usable_blocks - core.kv.num_free_blocks == 4 + 4  # 4 shared + one tail each
+    shared = LLM.from_core(_core(model)).generate([prompt], params)[0]
+    alone = LLM.from_core(_core(model, enable_prefix_caching=False)).generate([prompt], params)[0]
+    assert [c.token_ids for c in shared.outputs] == [c.token_ids for c in alone.outputs]

@@ -24,6 +24,7 @@ import torch
 from moray.model.config import ModelConfig
 from moray.model.paged import PagedBatch, allocate_kv_caches, forward_paged, moe_step_stats
 from moray.model.transformer import Transformer
+from moray.serve.engine.layout import column_major_experts, wants_column_major_experts
 
 
 @dataclass
@@ -60,6 +61,42 @@ class StepResult:
     seconds: float  # wall time of the step, the device synchronised
 
 
+def prepare_step(chunks: List[SeqChunk], block_size: int, max_len: int, device):
+    """Host-side: the flat tokens, positions and PagedBatch of a step, on `device`.
+
+    A function of the chunks alone, so every pipeline stage of a Ray gang builds the same batch
+    from the same chunk list (moray/parallel/serving.py) without shipping tensors between them."""
+    bs = block_size
+    tokens, positions, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
+    width = max([len(c.block_table) for c in chunks] + [1])
+    for i, c in enumerate(chunks):
+        n = c.start_pos + len(c.token_ids)
+        if n > max_len:
+            raise ValueError(f"chunk {i}: positions up to {n - 1} are past the model's context "
+                             f"(max_seq_len {max_len})")
+        if len(c.block_table) * bs < n:
+            raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
+                             f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
+        if c.needs_logits and not 1 <= c.num_logits <= len(c.token_ids):
+            raise ValueError(f"chunk {i} has {len(c.token_ids)} tokens but asks for logits at "
+                             f"{c.num_logits} of them; ask for 1..{len(c.token_ids)}")
+        pos = range(c.start_pos, n)
+        tokens += c.token_ids
+        positions += pos
+        slots += [c.block_table[p // bs] * bs + p % bs for p in pos]
+        qsl.append(len(tokens))
+        seq_lens.append(n)
+        if c.needs_logits:
+            logits_idx += range(len(tokens) - c.num_logits, len(tokens))
+    tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
+                          dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
+    qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)
+    batch = PagedBatch(qsl_t, lens_t, tables, torch.tensor(slots, dtype=torch.long),
+                       torch.tensor(logits_idx, dtype=torch.long), qsl_t, lens_t)
+    return (torch.tensor(tokens, dtype=torch.long).to(device), torch.tensor(positions, dtype=torch.long).to(device),
+            batch.to(device))
+
+
 class ModelExecutor:
     """In-process: `execute` runs a step to the end. The interface the engine core uses, which the
     Ray executor shares: num_blocks, block_size, dtype, device, kv_bytes_per_token,
@@ -80,6 +117,8 @@ class ModelExecutor:
             raise ValueError(f"the model is on {model.rope_cos.device} but the executor was asked for "
                              f"{self.device}; move the model first (model.to(device))")
         self.dtype = dtype or next(model.parameters()).dtype  # of the cache; compute stays the model's
+        if wants_column_major_experts(self.device, next(model.parameters()).dtype):
+            column_major_experts(model)  # ~5x faster bf16 expert products on this CPU (layout.py)
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, self.dtype, self.device)
 
     @property
@@ -105,36 +144,7 @@ class ModelExecutor:
 
     def prepare(self, chunks: List[SeqChunk]):
         """Host-side: the flat tokens, positions and PagedBatch of a step (on the executor's device)."""
-        bs, max_len = self.block_size, self.model.rope_cos.shape[0]
-        tokens, positions, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
-        width = max([len(c.block_table) for c in chunks] + [1])
-        for i, c in enumerate(chunks):
-            n = c.start_pos + len(c.token_ids)
-            if n > max_len:
-                raise ValueError(f"chunk {i}: positions up to {n - 1} are past the model's context "
-                                 f"(max_seq_len {max_len})")
-            if len(c.block_table) * bs < n:
-                raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
-                                 f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
-            if c.needs_logits and not 1 <= c.num_logits <= len(c.token_ids):
-                raise ValueError(f"chunk {i} has {len(c.token_ids)} tokens but asks for logits at "
-                                 f"{c.num_logits} of them; ask for 1..{len(c.token_ids)}")
-            pos = range(c.start_pos, n)
-            tokens += c.token_ids
-            positions += pos
-            slots += [c.block_table[p // bs] * bs + p % bs for p in pos]
-            qsl.append(len(tokens))
-            seq_lens.append(n)
-            if c.needs_logits:
-                logits_idx += range(len(tokens) - c.num_logits, len(tokens))
-        tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
-                              dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
-        qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)
-        batch = PagedBatch(qsl_t, lens_t, tables, torch.tensor(slots, dtype=torch.long),
-                           torch.tensor(logits_idx, dtype=torch.long), qsl_t, lens_t)
-        dev = self.device
-        return (torch.tensor(tokens, dtype=torch.long).to(dev), torch.tensor(positions, dtype=torch.long).to(dev),
-                batch.to(dev))
+        return prepare_step(chunks, self.block_size, self.model.rope_cos.shape[0], self.device)
 
     def execute(self, chunks: List[SeqChunk]) -> StepResult:
         t0 = time.perf_counter()

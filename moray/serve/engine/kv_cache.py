@@ -115,15 +115,20 @@ class KVCacheManager:
             blocks.append(b)
         return blocks, len(blocks) * self.block_size
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Hash and register the request's blocks that are now full of computed tokens."""
+    def cache_full_blocks(self, request: Request, num_tokens: Optional[int] = None) -> None:
+        """Hash and register the request's blocks that are full of computed tokens, or, with
+        num_tokens, of the first num_tokens known tokens (the scheduler keys an admitted
+        prompt's blocks as it schedules them: a request admitted later in the same step, such
+        as the next of n samples, then shares them, since every layer writes the step's K/V
+        before any of its tokens attends)."""
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
         table = self._tables.get(rid)
         if table is None:
             return
-        n_full = min(request.num_computed_tokens // self.block_size, len(table))
+        upto = request.num_computed_tokens if num_tokens is None else min(num_tokens, request.num_tokens)
+        n_full = min(upto // self.block_size, len(table))
         start = self._num_hashed.get(rid, 0)
         if n_full <= start:
             return

@@ -306,6 +306,10 @@ class Scheduler:
             self.running.append(req)
             chunks[req.request_id] = (req, n)
             used += n
+            # Key its blocks now: a later admission in this step with the same prefix (the next
+            # of n samples, a shared system prompt) reads them instead of computing its own.
+            # Safe because no request is preempted once admissions begin (the loop's condition).
+            self.kv.cache_full_blocks(req, req.num_computed_tokens + n)
 
         for req, n in chunks.values():
             start = req.num_computed_tokens
