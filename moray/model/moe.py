@@ -76,7 +76,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 @torch.compiler.disable  # the CPU kernel has no float32 fake impl and the loop reads counts on the host
 def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if not x.is_cuda and _grouped_mm_ok(x, w):
-        return _GroupedMM.apply(x, w, counts.cumsum(0).to(torch.int32))
+        offs = counts.cumsum(0).to(torch.int32)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _GroupedMM.apply(x, w, offs)
+        return torch._grouped_mm(x, w, offs)  # no autograd node to build (serving, evaluation)
     return _grouped_mm_loop(x, w, counts)
 
 
@@ -211,8 +214,10 @@ class MoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
 
-        balance = load_balancing_loss(probs, expert_ids, self.n_experts)
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        # The router losses train the router; serving (inference mode) has no use for them.
+        serving = torch.is_inference_mode_enabled()
+        balance = None if serving else load_balancing_loss(probs, expert_ids, self.n_experts)
+        z_loss = None if serving else torch.logsumexp(logits, dim=-1).pow(2).mean()
         tokens_per_expert = count_per_expert(expert_ids, self.n_experts)
 
         # Assignment slots: slot s = token s // k, its (s % k)-th choice.
@@ -237,8 +242,8 @@ class MoE(nn.Module):
             aux = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
             out = _AuxLossGrad.apply(out, aux, self.aux_grad_scale)
         self.last_stats = {
-            "load_balancing_loss": balance.detach(),
-            "z_loss": z_loss.detach(),
+            "load_balancing_loss": balance.detach() if balance is not None else None,
+            "z_loss": z_loss.detach() if z_loss is not None else None,
             "tokens_per_expert": tokens_per_expert.detach(),
             # A host number: N*k without capacity; with it, the boolean indexing above already synced.
             "dropped": torch.tensor(N * self.top_k - flat_experts.numel()),

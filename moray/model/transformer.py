@@ -92,9 +92,13 @@ class Transformer(nn.Module):
         stats = [m.last_stats for m in self.modules() if isinstance(m, MoE) and m.last_stats is not None]
         if not stats:
             return None
+        def mean_of(key: str) -> torch.Tensor:  # None under inference mode: not computed there
+            vals = [s[key] for s in stats]
+            return torch.stack(vals).mean() if all(v is not None for v in vals) else torch.tensor(float("nan"))
+
         return MoEAux(
-            load_balancing_loss=torch.stack([s["load_balancing_loss"] for s in stats]).mean(),
-            z_loss=torch.stack([s["z_loss"] for s in stats]).mean(),
+            load_balancing_loss=mean_of("load_balancing_loss"),
+            z_loss=mean_of("z_loss"),
             tokens_per_expert=torch.stack([s["tokens_per_expert"] for s in stats]),
             dropped=torch.stack([s["dropped"] for s in stats]).sum(),
         )
