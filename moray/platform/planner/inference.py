@@ -198,6 +198,24 @@ class ServePlan:
         return lo
 
 
+def serve_stages(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, weight_bytes: int = 2,
+                 kv_bytes: int = 2) -> List[dict]:
+    """Per pipeline stage of a serving gang (pp x ep x tp ranks): its layers and, per rank, the
+    weights and KV cache bytes per token it holds. ep splits each stage's experts; attention and
+    its KV cache are replicated over ep (moray/parallel/serving_build.py runs them so), so ep
+    changes the weights only. The gang's StageRunners hold exactly this (tests/test_serve_stages_dist.py)."""
+    if cfg.is_moe and cfg.n_experts % ep or not cfg.is_moe and ep != 1:
+        raise PlanError(f"serving ep {ep} must divide n_experts {cfg.n_experts} (ep 1 for a dense model)")
+    kv_heads = kv_heads_per_rank(cfg.n_kv_heads, tp)
+    out = []
+    for stage, rank in enumerate(pipeline_ranks(cfg, pp)):
+        params = rank_params(cfg, tp, ep, rank, pp).total
+        out.append({"stage": stage, "layers": rank.layers, "params_per_gpu": params,
+                    "weights_bytes_per_gpu": params * weight_bytes,
+                    "kv_cache_bytes_per_token_per_gpu": 2 * rank.layers * kv_heads * cfg.head_dim * kv_bytes})
+    return out
+
+
 def default_serving_layout(cfg: ModelConfig, accelerator: Accelerator, gpus_per_node: int, context: int,
                            weight_bytes: int = 2, usable_fraction: float = 0.9) -> tuple[int, int]:
     """The fewest GPUs (TP within a node first, then PP in powers of two) whose free memory

@@ -14,7 +14,7 @@ from moray.platform.planner import defaults
 from moray.platform.planner.flops import (attention_flops_per_token, flops_per_token, pipeline_bubble,
                                           training_flops, training_flops_with_attention)
 from moray.platform.planner.inference import (SERVE_DTYPE_BYTES, ServePlan, ServeSetup, default_serving_layout,
-                                              expert_shares, kv_cache_bytes_per_token)
+                                              expert_shares, kv_cache_bytes_per_token, serve_stages)
 from moray.platform.planner.layouts import Candidate
 from moray.platform.planner.memory import PRECISIONS, estimate_memory_per_stage, pipeline_ranks, rank_params
 from moray.platform.planner.plan import PlanRequest
@@ -213,6 +213,7 @@ def inference_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, nbytes),
         "kv_cache_bytes_per_token_per_gpu": plan.kv_bytes_per_token_per_gpu,
         "kv_cache_capacity_tokens": plan.kv_capacity_tokens,
+        "stages": serve_stages(cfg, tp, pp, r.config.serve.ep if cfg.is_moe else 1, nbytes, nbytes),
         "max_batch": plan.max_batch(),
         "routing": ("dense" if not cfg.is_moe else "uniform" if shares is None
                     else "measured shares (serve.expert_shares, "

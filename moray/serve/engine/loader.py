@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
 from moray.model.config import ModelConfig
 from moray.model.layers import rope_tables
+from moray.model.moe import GroupedExperts
 from moray.model.safetensors_io import CheckpointError
 from moray.model.transformer import Transformer
 
@@ -56,14 +57,11 @@ def load_for_serving(path: str, dtype: Optional[torch.dtype] = None, device: Uni
     """`path`: any of KINDS, local or (checkpoints) a pyarrow URI. `step` picks a checkpoint of a
     run or root (default: `latest`); `model_cfg` describes a checkpoint that has no run config.yaml
     beside it; `tokenizer` ("byte" or a tokenizer.json) overrides the one found."""
-    from moray.platform.weights import open_weights  # pyarrow and the checkpoint store: only here
-
     if dtype is not None and not dtype.is_floating_point:
         raise LoadError(f"dtype {dtype}: serving needs a floating-point dtype (bfloat16, float16, float32)")
-    _check_local_path(path)
+    src = open_source(path, step=step, model_cfg=model_cfg)
     try:
-        src = open_weights(str(path), step=step, model_cfg=model_cfg)
-        model = _materialise(src, dtype, torch.device(device))
+        model = materialise(src, dtype, device)
     except CheckpointError as e:  # WeightsError, a missing file, keys that do not match
         raise LoadError(f"cannot serve {path}: {e}{_kinds_hint(path)}") from None
     tok = _tokenizer(src, tokenizer)
@@ -71,6 +69,18 @@ def load_for_serving(path: str, dtype: Optional[torch.dtype] = None, device: Uni
         raise LoadError(f"{path}: the tokenizer has {tok.vocab_size} ids but the model only {src.cfg.vocab_size} "
                         f"(model.vocab_size); pass the tokenizer this model was trained with (tokenizer=...)")
     return LoadedModel(model, src.cfg, tok, src.kind, src.where, src.step)
+
+
+def open_source(path: str, step: Optional[int] = None, model_cfg: Optional[ModelConfig] = None):
+    """The weights at `path` (any of KINDS), opened but not read: `open_weights` with this module's
+    checks and error messages. A pipeline stage opens the source and reads only its own names."""
+    from moray.platform.weights import open_weights  # pyarrow and the checkpoint store: only here
+
+    _check_local_path(path)
+    try:
+        return open_weights(str(path), step=step, model_cfg=model_cfg)
+    except CheckpointError as e:  # WeightsError, a missing file, keys that do not match
+        raise LoadError(f"cannot serve {path}: {e}{_kinds_hint(path)}") from None
 
 
 def _check_local_path(path: str) -> None:
@@ -95,30 +105,53 @@ def _kinds_hint(path: str) -> str:
 
 
 @torch.no_grad()
-def _materialise(src, dtype: Optional[torch.dtype], device: torch.device) -> Transformer:
-    """A Transformer whose parameters are the source's tensors (cast, moved), built on meta."""
-    cfg = src.cfg
+def materialise(src, dtype: Optional[torch.dtype], device: Union[str, torch.device],
+                cut: Optional[Callable[[Transformer], None]] = None) -> Transformer:
+    """A Transformer whose parameters are the source's tensors (cast, moved), built on meta.
+
+    `cut(model)` runs on the meta model first and may remove parts of it (a pipeline stage's
+    keep_stage) or narrow stacked experts to a shard (apply_ep, which sets `expert_offset`):
+    only the names left are read, and an expert tensor is sliced to the shard before it is kept.
+    Raises CheckpointError (LoadError for weights that do not fit the config)."""
+    cfg, device = src.cfg, torch.device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if cut is not None:
+        cut(model)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shards = _expert_shards(model)
     sd = {}
     for name in src.names:
+        if name not in want:
+            continue  # another stage's
         t = src.get(name)
+        if name in shards:
+            t = t[shards[name]].clone()  # (E, ...) -> this shard's (El, ...); the whole one is dropped
         if tuple(t.shape) != want[name]:
             raise LoadError(f"{src.where}: {name} is {tuple(t.shape)} but its config wants {want[name]}; the "
                             f"weights do not match the config beside them (was the config edited or copied "
                             f"from another model?)")
         sd[name] = t.to(device=device, dtype=dtype or t.dtype)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "output.weight" in want and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     # The rotary tables are not stored; like build_model, they take the weights' dtype.
     cos, sin = rope_tables(cfg, device=device)
-    weights_dtype = sd["tok_embeddings.weight"].dtype
+    weights_dtype = sd.get("tok_embeddings.weight", next(iter(sd.values()))).dtype  # a later stage has none
     model.rope_cos, model.rope_sin = cos.to(weights_dtype), sin.to(weights_dtype)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _expert_shards(model: Transformer) -> Dict[str, slice]:
+    """Stacked expert tensors that `cut` narrowed to a shard -> the slice of the stored (E, ...) tensor."""
+    out = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, GroupedExperts) and m.num_local_experts != model.cfg.n_experts:
+            rows = slice(m.expert_offset, m.expert_offset + m.num_local_experts)
+            out.update({f"{mod_name}.{w}": rows for w in ("w1", "w2", "w3") if getattr(m, w) is not None})
+    return out
 
 
 def _tokenizer(src, spec: Optional[str]):
@@ -151,4 +184,4 @@ def _run_tokenizer(config_path: str):
                     f"pass tokenizer='path/to/tokenizer.json' (or tokenizer='byte')")
 
 
-__all__ = ["LoadedModel", "LoadError", "load_for_serving"]
+__all__ = ["LoadedModel", "LoadError", "load_for_serving", "open_source", "materialise"]
