@@ -111,6 +111,10 @@ def build_stage(src, layout: ServeLayout, rank: int, tp_group, ep_group, dtype: 
         reduce_attention_over_tp(model, tp_group)
     if layout.ep > 1:
         slice_moe_tokens(model, ep_group, c.ep, layout.ep)
+    from moray.serve.engine.layout import column_major_experts, wants_column_major_experts
+
+    if wants_column_major_experts(torch.device(device), next(model.parameters()).dtype):
+        column_major_experts(model)  # as the in-process executor does (layout.py)
     return model.eval()
 
 

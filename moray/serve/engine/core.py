@@ -161,6 +161,12 @@ class EngineCore:
                 self.scheduler.abort_request(seq.request_id)
             self._forget(seq.request_id)
 
+    def shutdown(self) -> None:
+        """Release the executor's workers, if it has any (the Ray stage gang)."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 

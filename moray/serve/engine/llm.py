@@ -37,8 +37,34 @@ def _build_core(path: str, overrides: Dict) -> EngineCore:
 
     config = EngineConfig.from_overrides(overrides)
     dtype = getattr(torch, config.dtype) if config.dtype else None
+    if config.gang_size > 1:
+        return _build_gang_core(path, config, dtype)
     loaded = load_for_serving(path, dtype=dtype, device=config.device)
     return EngineCore(loaded.model, loaded.config, config, loaded.tokenizer)
+
+
+def _build_gang_core(path: str, config: EngineConfig, dtype) -> EngineCore:
+    """serve.pp x tp x ep > 1: the model lives in a gang of Ray stage actors (each reads only its
+    own shard); this process keeps the scheduler, the KV block tables and the sampler."""
+    from moray.parallel.serving import ServeLayout, stage_report
+    from moray.serve.engine.loader import LoadError, _tokenizer, open_source
+    from moray.serve.engine.ray_executor import RayExecutor
+
+    src = open_source(str(path))  # the config and tokenizer beside the weights; no tensor is read here
+    layout = ServeLayout(pp=config.pp, tp=config.tp, ep=config.ep)
+    layout.validate(src.cfg)
+    blocks = config.kv_cache_blocks
+    if blocks is None:  # the budget is per rank: the rank whose layers cost the most KV sets it
+        elem = torch.empty((), dtype=dtype or torch.float32).element_size()
+        per_token = max(s["kv_bytes_per_token"] for s in stage_report(src.cfg, layout, elem))
+        blocks = int(config.kv_cache_memory_mb * 2**20) // (per_token * config.kv_block_size)
+        if blocks < 2:
+            raise LoadError(f"serve.kv_cache_memory_mb {config.kv_cache_memory_mb} holds {blocks} KV blocks per "
+                            f"stage actor; raise it or set serve.kv_cache_blocks")
+    executor = RayExecutor(str(path), src.cfg, layout, blocks, config.kv_block_size, dtype=dtype,
+                           device=config.device, cpus_per_actor=config.cpus_per_actor)
+    tok = _tokenizer(src, None)
+    return EngineCore(None, src.cfg, config, tok, executor=executor)
 
 
 def _tokens(core: EngineCore, prompt: Prompt) -> List[int]:
@@ -61,6 +87,16 @@ class LLM:
         llm = cls.__new__(cls)
         llm.core, llm._ids = core, itertools.count()
         return llm
+
+    def shutdown(self) -> None:
+        """Release the executor's workers (a stage-actor gang); in process there is nothing to do."""
+        self.core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
@@ -108,8 +144,8 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and self.error is None
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if self.error is not None:
-            raise RuntimeError(f"the engine stopped: {self.error}")
+        if not self.is_running:
+            raise RuntimeError(f"the engine stopped: {self.error}" if self.error else "the engine was shut down")
         ids = _tokens(self.core, prompt)
         params.validate()
         q: asyncio.Queue = asyncio.Queue()
@@ -147,6 +183,7 @@ class AsyncLLMEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self.core.shutdown()
 
     # ------------------------------------------------------------ the loop (engine thread)
 
@@ -162,10 +199,12 @@ class AsyncLLMEngine:
                     self._deliver(out.request_id, out)
         except BaseException as err:  # noqa: BLE001 - every waiting stream must hear of it
             self.error = err
+        finally:  # stopped or failed: no stream may wait for outputs that will never come
             with self._lock:
-                streams = list(self._streams.items())
-            for rid, _ in streams:
-                self._deliver(rid, RuntimeError(f"the engine stopped: {err}"))
+                streams = list(self._streams)
+            why = f"the engine stopped: {self.error}" if self.error is not None else "the engine was shut down"
+            for rid in streams:
+                self._deliver(rid, RuntimeError(why))
 
     def _drain_inbox(self) -> None:
         while True:
