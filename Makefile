@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo serve test install bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,10 +18,16 @@ install: $(STAMP)
 
 # Prepares the stdlib demo corpus, then pretrains configs/tiny.yaml as 2 pipeline
 # stages x 2 expert shards on an embedded local Ray cluster; the run lands in runs/demo/.
+# Then serves it with Ray Serve and answers one completion and one chat through the openai client.
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/python jobs/prepare_data.py --config configs/tiny.yaml
 	$(BIN)/python jobs/pretrain.py --config configs/tiny.yaml --set train.run_name=demo
+	$(BIN)/python jobs/serve.py --checkpoint runs/demo --set serve.dtype=float32 --smoke-request
+
+# Serves runs/demo on 127.0.0.1:8000 until Ctrl-C (OpenAI's API; see README "Serving over HTTP").
+serve: $(STAMP)
+	$(BIN)/python jobs/serve.py --checkpoint runs/demo --set serve.dtype=float32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -26,6 +26,8 @@ def connect(address: Optional[str] = None, min_cpus: float = 1.0) -> str:
     # Logical CPUs: enough for every worker even on a 2-core laptop; the OS shares the cores.
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     # The dashboard serves the state API that Ray Train's clean-up actor polls.
-    ray.init(num_cpus=num_cpus, log_to_driver=True,
+    # address="local": always a new cluster of our own, even when another one runs on this machine
+    # (Ray would otherwise try to join it and refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     return "embedded"

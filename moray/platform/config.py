@@ -134,6 +134,15 @@ class ServeConfig(_Section):
     # The planner's routing model: each MoE layer's share of routed assignments per expert, one row
     # for every layer or one per layer, as bench/serve_experts.py measures them; None = uniform.
     expert_shares: Optional[List[List[float]]] = None
+    # The HTTP endpoint (moray/serve/openai, moray/serve/app.py): keys, limits, overload, replicas.
+    api_keys_file: Optional[str] = None  # one API key per line (# comments); MORAY_API_KEYS (comma-separated) adds more
+    max_request_bytes: int = Field(1 << 20, ge=1)  # a larger request body is refused (413) before it is parsed
+    max_n: int = Field(16, ge=1)  # choices one request may ask for (n x prompts)
+    max_tokens_limit: Optional[int] = Field(None, ge=1)  # the largest max_tokens accepted; None = the context
+    max_queue: int = Field(64, ge=0)  # sequences a replica queues beyond max_num_seqs; past that, 429
+    retry_after_s: float = Field(1.0, ge=0)  # the 429's Retry-After header
+    num_replicas: int = Field(1, ge=1)  # LLM server replicas; a Serve config's autoscaling_config replaces it
+    replica_cpus: float = Field(1.0, ge=0)  # CPUs Ray reserves for each LLM server replica
 
 
 class ClusterConfig(_Section):

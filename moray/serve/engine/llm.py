@@ -46,6 +46,8 @@ def _build_core(path: str, overrides: Dict) -> EngineCore:
 def _build_gang_core(path: str, config: EngineConfig, dtype) -> EngineCore:
     """serve.pp x tp x ep > 1: the model lives in a gang of Ray stage actors (each reads only its
     own shard); this process keeps the scheduler, the KV block tables and the sampler."""
+    import torch
+
     from moray.parallel.serving import ServeLayout, stage_report
     from moray.serve.engine.loader import LoadError, _tokenizer, open_source
     from moray.serve.engine.ray_executor import RayExecutor
