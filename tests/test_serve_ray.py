@@ -72,6 +72,25 @@ def test_completion_stream_chat_models_and_health(client, app_url):
     assert health.status_code == 200 and health.json()["alive"] is True
 
 
+def test_n_stop_usage_and_concurrent_greedy_through_serve(client):
+    """Through both hops: concurrent greedy requests give the texts they give one by one; a stop
+    string cuts the text before it; n choices with their usage counted."""
+    prompts = ["def f(", "import os", "class A:", "x = 1", "the moray"]
+    one = lambda p: client.completions.create(model="tiny", prompt=p, **GREEDY).choices[0].text  # noqa: E731
+    alone = [one(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(one, prompts)) == alone
+    full = next(t for t in alone if len(t) >= 5)
+    stop = full[3:5]
+    cut = client.completions.create(model="tiny", prompt=prompts[alone.index(full)], stop=[stop], **GREEDY)
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    many = client.completions.create(model="tiny", prompt="the", n=3, max_tokens=5, temperature=1.0, seed=3,
+                                     extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert many.usage.completion_tokens == 15
+    assert many.usage.total_tokens == many.usage.prompt_tokens + 15 and many.usage.prompt_tokens > 0
+
+
 def test_keys_bad_input_and_metrics(client, app_url):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=app_url + "/v1", api_key="wrong", max_retries=0).completions.create(
