@@ -243,3 +243,9 @@ def test_ngram_drafts_verified_by_a_real_model_give_its_greedy_output():
     print(f"n-gram drafting on the tiny model: {stats.to_dict()}")
     assert stats.accepted > 0 and stats.drafted > stats.accepted  # both branches ran
     assert stats.steps < new  # fewer target passes than tokens
+
+
+def test_ngram_inside_a_run_proposes_k_tokens_with_the_period():
+    """The most recent match of a run is one token back; the repeat goes on with its period."""
+    assert NgramDrafter(min_n=2, max_n=3, k=4).propose([5, 1, 1, 1, 1]) == [1, 1, 1, 1]
+    assert NgramDrafter(min_n=2, max_n=2, k=5).propose([9, 7, 8, 7, 8, 7, 8]) == [7, 8, 7, 8, 7]

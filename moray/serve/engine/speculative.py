@@ -196,8 +196,17 @@ class NgramDrafter:
             first = suffix[0]
             for start in range(L - n - 1, -1, -1):  # most recent first; the suffix itself excluded
                 if tokens[start] == first and tokens[start:start + n] == suffix:
-                    return tokens[start + n:start + n + self.k]
+                    return self._continue(tokens, start + n)
         return []
+
+    def _continue(self, tokens: List[int], at: int) -> List[int]:
+        """k tokens from `at`; a match close to the end (inside a run such as "____") has fewer
+        than k after it, so the repeat it found goes on with its period (L - at), as it would
+        if the text keeps repeating, instead of proposing one or two tokens."""
+        period, out = len(tokens) - at, []
+        for i in range(self.k):
+            out.append(tokens[at + i] if at + i < len(tokens) else out[i - period])
+        return out
 
 
 # ---------------------------------------------------------------- the engine's side
