@@ -76,6 +76,55 @@ class PagedBatch:
             self.logits_indices.to(device, non_blocking=True), qsl_cpu, sl_cpu)
 
 
+@dataclass
+class SeqChunk:
+    """One sequence's part of a step: its tokens at positions start_pos.. and where its KV lives."""
+
+    token_ids: List[int]
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
+    block_table: List[int]  # block ids holding positions 0.. of this sequence, in order
+    needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
+    # Rows of logits wanted, at the chunk's last num_logits tokens (when needs_logits): 1 for a
+    # decode or a prompt's end, 1 + k for speculative verification (the last token and k drafts).
+    num_logits: int = 1
+
+
+def prepare_step(chunks: List[SeqChunk], block_size: int, max_len: int, device):
+    """Host-side: the flat tokens, positions and PagedBatch of a step, on `device`.
+
+    A function of the chunks alone, so every pipeline stage of a Ray gang builds the same batch
+    from the same chunk list (moray/parallel/serving.py) without shipping tensors between them."""
+    bs = block_size
+    tokens, positions, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
+    width = max([len(c.block_table) for c in chunks] + [1])
+    for i, c in enumerate(chunks):
+        n = c.start_pos + len(c.token_ids)
+        if n > max_len:
+            raise ValueError(f"chunk {i}: positions up to {n - 1} are past the model's context "
+                             f"(max_seq_len {max_len})")
+        if len(c.block_table) * bs < n:
+            raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
+                             f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
+        if c.needs_logits and not 1 <= c.num_logits <= len(c.token_ids):
+            raise ValueError(f"chunk {i} has {len(c.token_ids)} tokens but asks for logits at "
+                             f"{c.num_logits} of them; ask for 1..{len(c.token_ids)}")
+        pos = range(c.start_pos, n)
+        tokens += c.token_ids
+        positions += pos
+        slots += [c.block_table[p // bs] * bs + p % bs for p in pos]
+        qsl.append(len(tokens))
+        seq_lens.append(n)
+        if c.needs_logits:
+            logits_idx += range(len(tokens) - c.num_logits, len(tokens))
+    tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
+                          dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
+    qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)
+    batch = PagedBatch(qsl_t, lens_t, tables, torch.tensor(slots, dtype=torch.long),
+                       torch.tensor(logits_idx, dtype=torch.long), qsl_t, lens_t)
+    return (torch.tensor(tokens, dtype=torch.long).to(device), torch.tensor(positions, dtype=torch.long).to(device),
+            batch.to(device))
+
+
 # ---------------------------------------------------------------- planning (once per step)
 
 
@@ -266,5 +315,5 @@ def allocate_kv_caches(model: Transformer, num_blocks: int, block_size: int, dty
     return out
 
 
-__all__ = ["PagedBatch", "forward_paged", "paged_attention", "MoEStepStats", "moe_step_stats",
+__all__ = ["SeqChunk", "prepare_step", "PagedBatch", "forward_paged", "paged_attention", "MoEStepStats", "moe_step_stats",
            "allocate_kv_caches"]

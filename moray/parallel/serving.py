@@ -34,7 +34,7 @@ from moray.model.paged import allocate_kv_caches, forward_paged, moe_step_stats
 from moray.model.safetensors_io import CheckpointError
 from moray.parallel.dims import LayoutError
 from moray.parallel.serving_build import ServeLayout, build_stage, stage_layers, stage_report
-from moray.serve.engine.executor import SeqChunk, prepare_step
+from moray.model.paged import SeqChunk, prepare_step
 
 MAX_PENDING_SENDS = 8  # sends in flight before the next step waits for the oldest
 

@@ -22,22 +22,9 @@ from typing import List, Optional
 import torch
 
 from moray.model.config import ModelConfig
-from moray.model.paged import PagedBatch, allocate_kv_caches, forward_paged, moe_step_stats
+from moray.model.paged import SeqChunk, allocate_kv_caches, forward_paged, moe_step_stats, prepare_step  # noqa: F401 (re-exported)
 from moray.model.transformer import Transformer
 from moray.serve.engine.layout import column_major_experts, wants_column_major_experts
-
-
-@dataclass
-class SeqChunk:
-    """One sequence's part of a step: its tokens at positions start_pos.. and where its KV lives."""
-
-    token_ids: List[int]
-    start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
-    block_table: List[int]  # block ids holding positions 0.. of this sequence, in order
-    needs_logits: bool = True  # False for a prefill chunk that does not reach the prompt's end
-    # Rows of logits wanted, at the chunk's last num_logits tokens (when needs_logits): 1 for a
-    # decode or a prompt's end, 1 + k for speculative verification (the last token and k drafts).
-    num_logits: int = 1
 
 
 class ExecutorFailure(RuntimeError):
@@ -59,42 +46,6 @@ class StepResult:
     expert_tokens: Optional[torch.Tensor]  # (MoE layers, E) assignments per expert this step; None if dense
     experts_touched: List[int]  # distinct experts each MoE layer ran this step
     seconds: float  # wall time of the step, the device synchronised
-
-
-def prepare_step(chunks: List[SeqChunk], block_size: int, max_len: int, device):
-    """Host-side: the flat tokens, positions and PagedBatch of a step, on `device`.
-
-    A function of the chunks alone, so every pipeline stage of a Ray gang builds the same batch
-    from the same chunk list (moray/parallel/serving.py) without shipping tensors between them."""
-    bs = block_size
-    tokens, positions, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
-    width = max([len(c.block_table) for c in chunks] + [1])
-    for i, c in enumerate(chunks):
-        n = c.start_pos + len(c.token_ids)
-        if n > max_len:
-            raise ValueError(f"chunk {i}: positions up to {n - 1} are past the model's context "
-                             f"(max_seq_len {max_len})")
-        if len(c.block_table) * bs < n:
-            raise ValueError(f"chunk {i}: a block table of {len(c.block_table)} blocks holds "
-                             f"{len(c.block_table) * bs} tokens but the sequence reaches {n}; allocate first")
-        if c.needs_logits and not 1 <= c.num_logits <= len(c.token_ids):
-            raise ValueError(f"chunk {i} has {len(c.token_ids)} tokens but asks for logits at "
-                             f"{c.num_logits} of them; ask for 1..{len(c.token_ids)}")
-        pos = range(c.start_pos, n)
-        tokens += c.token_ids
-        positions += pos
-        slots += [c.block_table[p // bs] * bs + p % bs for p in pos]
-        qsl.append(len(tokens))
-        seq_lens.append(n)
-        if c.needs_logits:
-            logits_idx += range(len(tokens) - c.num_logits, len(tokens))
-    tables = torch.tensor([list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks],
-                          dtype=torch.int32).view(len(chunks), width)  # padded with block 0, never attended
-    qsl_t, lens_t = torch.tensor(qsl), torch.tensor(seq_lens, dtype=torch.long)
-    batch = PagedBatch(qsl_t, lens_t, tables, torch.tensor(slots, dtype=torch.long),
-                       torch.tensor(logits_idx, dtype=torch.long), qsl_t, lens_t)
-    return (torch.tensor(tokens, dtype=torch.long).to(device), torch.tensor(positions, dtype=torch.long).to(device),
-            batch.to(device))
 
 
 class ModelExecutor:
