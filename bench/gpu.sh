@@ -13,8 +13,10 @@
 #   3. bench/pretrain_step_gpu.py: TrainEngine's bf16 step (bf16 weights, fp32 master + AdamW) on
 #      bench-moe: fails unless every expert product is torch._grouped_mm (no per-expert loop) and a
 #      step's host syncs are fewer than its MoE layers; MFU beside HF Mixtral + AdamW, and their ratio
-#   4. bench/model_step.py --compile: adds torch.compile(moray)
-# At most 5 files land in $OUT (the device tool brings back 8): gpu.log and one JSON per step.
+#   4. bench/serve_decode_gpu.py: the serving engine's decode with CUDA graphs, without, and HF
+#      generate at batch 1 / 16 / 64 on bench-moe; batch 1 against the memory-bandwidth bound
+#   5. bench/model_step.py --compile: adds torch.compile(moray)
+# At most 6 files land in $OUT (the device tool brings back 8): gpu.log and one JSON per step.
 # GPU_STEPS="gpu_checks model_step" runs a subset. The step limits add up to more than one
 # device call's 10 minutes, so the optional compile step comes last: whatever finished is in $OUT.
 set -uo pipefail
@@ -85,22 +87,26 @@ if [[ $MODE == cpu ]]; then
   STEP=(--device cpu --config configs/tiny.yaml --batch 2 --seq 64 --warmup 1 --steps 2)
   COMPILE_STEP=("${STEP[@]}" --no-hf)
   PRETRAIN=(--device cpu --dtype bfloat16 --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2)
+  DECODE=(--device cpu --config configs/tiny.yaml --smoke --batches 1,4)
 else
   CHECKS=(--device cuda)
   STEP=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
   COMPILE_STEP=("${STEP[@]}")
   PRETRAIN=(--device cuda --dtype bfloat16 --config configs/bench-moe.yaml --warmup 3 --steps 10)
+  DECODE=(--device cuda --config configs/bench-moe.yaml)
 fi
 SUFFIX=$([[ $MODE == cpu ]] && echo cpu_smoke || echo cuda)
 
 step gpu_checks 180 "$PY" bench/gpu_checks.py "${CHECKS[@]}" --out "$OUT/gpu_checks_$SUFFIX.json"
 step model_step 240 "$PY" bench/model_step.py "${STEP[@]}" --out "$OUT/model_step_$SUFFIX.json"
 step pretrain_step 240 "$PY" bench/pretrain_step_gpu.py "${PRETRAIN[@]}" --out "$OUT/pretrain_step_$SUFFIX.json"
+step serve_decode 240 "$PY" bench/serve_decode_gpu.py "${DECODE[@]}" --out "$OUT/serve_decode_$SUFFIX.json"
 step model_step_compile 360 "$PY" bench/model_step.py "${COMPILE_STEP[@]}" --compile \
   --out "$OUT/model_step_${SUFFIX}_compile.json"
 
 if [[ $MODE == gpu ]]; then  # keep a copy beside the CPU results when $OUT is elsewhere
-  for f in "$OUT"/model_step_cuda*.json "$OUT"/gpu_checks_cuda.json "$OUT"/pretrain_step_cuda.json; do
+  for f in "$OUT"/model_step_cuda*.json "$OUT"/gpu_checks_cuda.json "$OUT"/pretrain_step_cuda.json \
+           "$OUT"/serve_decode_cuda.json; do
     [[ -f $f && $(dirname "$f") != bench/results ]] && cp "$f" bench/results/ 2>/dev/null
   done
 fi

@@ -5,7 +5,7 @@ names; `EngineConfig.from_serve(cfg.serve)` turns one into the other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -20,6 +20,11 @@ class EngineConfig:
     chunked_prefill: bool = True
     dtype: Optional[str] = None  # weights and KV: bfloat16, float16, float32; None = as stored
     device: str = "cpu"
+    # Pure-decode steps at bucketed batch sizes, replayed from CUDA graphs (decode_graphs.py):
+    # None = where they can be captured (a CUDA device, bf16 experts); "cuda" insists; "static" runs
+    # the same fixed-shape steps uncaptured (the CPU's check of that path); "off" never.
+    decode_graphs: Optional[str] = None
+    decode_graph_sizes: Optional[List[int]] = None  # batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
     max_model_len: Optional[int] = None  # prompt + output limit; None = the model's max_seq_len
     seed: int = 0  # for requests that give no seed of their own
     # Speculative decoding (serve.speculative.*): a drafter proposes up to k tokens per decoding
@@ -45,6 +50,10 @@ class EngineConfig:
             raise ValueError(f"serve.kv_cache_blocks must be >= 2 (got {self.kv_cache_blocks})")
         if self.max_step_latency_ms is not None and self.max_step_latency_ms <= 0:
             raise ValueError(f"serve.max_step_latency_ms must be > 0 (got {self.max_step_latency_ms})")
+        if self.decode_graphs not in (None, "cuda", "static", "off"):
+            raise ValueError(f"serve.decode_graphs {self.decode_graphs!r}: use None (auto), 'cuda', 'static' or 'off'")
+        if self.decode_graph_sizes is not None and (not self.decode_graph_sizes or min(self.decode_graph_sizes) < 1):
+            raise ValueError(f"serve.decode_graph_sizes {self.decode_graph_sizes!r}: give positive batch sizes")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"serve.dtype {self.dtype!r}: use bfloat16, float16 or float32")
         if self.speculative_method is None and self.draft_model is not None:

@@ -73,7 +73,9 @@ class EngineCore:
             dtype = _DTYPES[config.dtype] if config.dtype else next(model.parameters()).dtype
             blocks = config.kv_cache_blocks or ModelExecutor.blocks_for_budget(
                 model_cfg, config.kv_block_size, int(config.kv_cache_memory_mb * 2**20), dtype)
-            executor = ModelExecutor(model, blocks, config.kv_block_size, dtype=dtype, device=config.device)
+            executor = ModelExecutor(model, blocks, config.kv_block_size, dtype=dtype, device=config.device,
+                                     decode_graphs=config.decode_graphs,
+                                     decode_graph_sizes=config.decode_graph_sizes, max_num_seqs=config.max_num_seqs)
         dtype, blocks = executor.dtype, executor.num_blocks
         self.executor = executor
         self.kv = KVCacheManager(blocks, config.kv_block_size, enable_prefix_caching=config.enable_prefix_caching)

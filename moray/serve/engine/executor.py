@@ -24,6 +24,7 @@ import torch
 from moray.model.config import ModelConfig
 from moray.model.paged import SeqChunk, allocate_kv_caches, forward_paged, moe_step_stats, prepare_step  # noqa: F401 (re-exported)
 from moray.model.transformer import Transformer
+from moray.serve.engine.decode_graphs import DecodeGraphs, default_sizes, why_not_capturable
 from moray.serve.engine.layout import column_major_experts, wants_column_major_experts
 
 
@@ -58,7 +59,11 @@ class ModelExecutor:
     max_inflight = 1  # steps that may be submitted before the oldest is collected
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dtype: Optional[torch.dtype] = None, device=None, decode_graphs: Optional[str] = None,
+                 decode_graph_sizes: Optional[List[int]] = None, max_num_seqs: int = 64):
+        """decode_graphs: None = CUDA graphs for pure-decode steps where they can be captured (a CUDA
+        device, bf16 experts, dropless), else the planned path; "cuda" insists; "static" runs the same
+        fixed-shape steps uncaptured (the CPU's check of that path); "off" never."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be at least 1")
         self.model = model.eval()
@@ -70,7 +75,14 @@ class ModelExecutor:
         self.dtype = dtype or next(model.parameters()).dtype  # of the cache; compute stays the model's
         if wants_column_major_experts(self.device, next(model.parameters()).dtype):
             column_major_experts(model)  # ~5x faster bf16 expert products on this CPU (layout.py)
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, self.dtype, self.device)
+        mode = decode_graphs
+        if mode is None:
+            mode = "cuda" if why_not_capturable(model, self.device) is None else "off"
+        # A fixed-shape step's pad rows write into one scratch block past the manager's num_blocks.
+        extra = 0 if mode == "off" else 1
+        self.kv_caches = allocate_kv_caches(model, num_blocks + extra, block_size, self.dtype, self.device)
+        self.decode_graphs = None if mode == "off" else DecodeGraphs(
+            model, self.kv_caches, block_size, num_blocks, decode_graph_sizes or default_sizes(max_num_seqs), mode)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -102,6 +114,12 @@ class ModelExecutor:
         if not any(c.token_ids for c in chunks):
             vocab = self.model.cfg.vocab_size
             return StepResult(torch.empty(0, vocab, device=self.device), None, [], time.perf_counter() - t0)
+        if self.decode_graphs is not None and self.decode_graphs.accepts(chunks):
+            logits, expert_tokens = self.decode_graphs.run(chunks)
+            touched = (expert_tokens > 0).sum(-1).tolist() if expert_tokens is not None else []  # one host read
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return StepResult(logits, expert_tokens, touched, time.perf_counter() - t0)
         token_ids, positions, batch = self.prepare(chunks)
         with torch.inference_mode():
             logits = forward_paged(self.model, token_ids, positions, batch, self.kv_caches)
