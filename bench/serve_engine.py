@@ -58,7 +58,8 @@ PRESETS = {
                       prompt_len=128, new_tokens=128, dtype="bfloat16", reps=3, poisson_n=64),
     "default": dict(model=dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=1,
                                ffn_hidden=512, n_experts=8, top_k=2, max_seq_len=512, init_std=0.1),
-                    prompt_len=128, new_tokens=128, dtype="bfloat16", reps=3, poisson_n=64),
+                    # 256 requests: with 64 the run is mostly ramp-up and the last arrivals' tail
+                    prompt_len=128, new_tokens=128, dtype="bfloat16", reps=3, poisson_n=256),
     "smoke": dict(model=dict(vocab_size=320, d_model=128, n_layers=2, n_heads=4, n_kv_heads=1,
                              ffn_hidden=128, n_experts=4, top_k=2, max_seq_len=256, init_std=0.1),
                   prompt_len=16, new_tokens=8, dtype="float32", reps=1, poisson_n=12),

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from moray.serve.engine.config import EngineConfig
+from moray.serve.engine.detokenizer import IncrementalDetokenizer
 from moray.serve.engine.executor import ExecutorFailure, ModelExecutor, SeqChunk
 from moray.serve.engine.kv_cache import KVCacheManager
 from moray.serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -59,6 +60,7 @@ class _Group:
     logprobs: List[List[float]] = field(default_factory=list)
     top_logprobs: List[list] = field(default_factory=list)
     stop_reasons: List[object] = field(default_factory=list)
+    detoks: List[IncrementalDetokenizer] = field(default_factory=list)  # each sequence's text so far
 
 
 class EngineCore:
@@ -151,7 +153,8 @@ class EngineCore:
             self.scheduler.add_request(seq)
         self._groups[request_id] = _Group(request_id, ids, params, seqs, RequestMetrics(now), prompt,
                                           [""] * params.n, [[] for _ in seqs], [[] for _ in seqs],
-                                          [None] * params.n)
+                                          [None] * params.n,
+                                          [IncrementalDetokenizer(self.tokenizer) for _ in seqs])
         self.stats.prompt_tokens += len(ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -422,9 +425,14 @@ class EngineCore:
             return
         if self.tokenizer is None:
             return
-        text = self.tokenizer.decode(seq.output_token_ids)
-        stops = [p.stop] if isinstance(p.stop, str) else (p.stop or [])
-        hits = [(text.find(s), s) for s in stops if s and s in text]
+        detok = g.detoks[k]
+        delta = detok.update(seq.output_token_ids)
+        stops = [x for x in ([p.stop] if isinstance(p.stop, str) else (p.stop or [])) if x]
+        if not delta or not stops:
+            return
+        text = detok.text
+        # Earlier text held no stop string, so the first one ends within the new characters.
+        hits = [(i, s) for s in stops if (i := text.find(s, max(0, len(text) - len(delta) - len(s) + 1))) >= 0]
         if hits:
             at, s = min(hits)
             g.texts[k], g.stop_reasons[k] = text[:at], s  # the stop string is not part of the output
@@ -433,8 +441,15 @@ class EngineCore:
     def _output(self, g: _Group) -> RequestOutput:
         comps = []
         for k, seq in enumerate(g.seqs):
-            text = g.texts[k] if g.stop_reasons[k] is not None and isinstance(g.stop_reasons[k], str) else (
-                self.tokenizer.decode(seq.output_token_ids) if self.tokenizer is not None else "")
+            if isinstance(g.stop_reasons[k], str):
+                text = g.texts[k]  # cut before its stop string
+            elif self.tokenizer is None:
+                text = ""
+            elif RequestStatus.is_finished(seq.status):
+                text = g.detoks[k].final(seq.output_token_ids)
+            else:
+                g.detoks[k].update(seq.output_token_ids)  # a no-op when _maybe_stop already read them
+                text = g.detoks[k].text
             comps.append(CompletionOutput(
                 k, list(seq.output_token_ids), text, FINISH_REASONS.get(RequestStatus(seq.status)),
                 g.stop_reasons[k], list(g.logprobs[k]) if g.params.logprobs is not None else None,
