@@ -255,9 +255,14 @@ def qkv_to_cache(att, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv:
     T = x.shape[0]
     hd = att.head_dim
     # Head counts from the weights, as Attention.forward does (a tensor-parallel shard has fewer).
-    q = att.wq(x).view(T, -1, hd)  # (T, nh, hd)
-    k = att.wk(x).view(T, -1, hd)  # (T, nkv, hd)
-    v = att.wv(x).view(T, -1, hd)
+    wqkv = getattr(att, "serve_wqkv", None)  # wq, wk, wv stacked (serve/engine/layout.py): one product
+    if wqkv is not None:
+        q, k, v = F.linear(x, wqkv).split([att.wq.out_features, att.wk.out_features, att.wv.out_features], -1)
+    else:
+        q, k, v = att.wq(x), att.wk(x), att.wv(x)
+    q = q.view(T, -1, hd)  # (T, nh, hd)
+    k = k.view(T, -1, hd)  # (T, nkv, hd)
+    v = v.view(T, -1, hd)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k_cache, v_cache = kv
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
