@@ -105,6 +105,9 @@ class GroupedExperts(nn.Module):
         # Global id of the first expert held here; an expert-parallel shard sets it,
         # so each expert gets the same initial weights under any layout.
         self.expert_offset = 0
+        # Serving only (serve/engine/layout.py): w1 and w3 side by side, (E, D, 2F), with w1 and w3
+        # views of it, so gate and up are one grouped product. Not a parameter: names stay w1/w3.
+        self.w13: Optional[torch.Tensor] = None
 
     @property
     def num_local_experts(self) -> int:
@@ -112,6 +115,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (A, D) sorted by expert, counts (E,) -> (A, D)."""
+        if self.w13 is not None:
+            gate, up = grouped_mm(x, self.w13, counts).chunk(2, dim=-1)  # (A, F) each
+            return grouped_mm(F.silu(gate) * up, self.w2, counts)  # (A, D)
         h = grouped_mm(x, self.w1, counts)  # (A, F)
         if self.w3 is not None:
             h = F.silu(h) * grouped_mm(x, self.w3, counts)
