@@ -1,6 +1,8 @@
 """What the HTTP and Ray Serve layers cost: the same engine called in process, through our
-FastAPI app (uvicorn, no Ray), through the Ray Serve app (proxy -> ingress -> LLM server
-replica -> engine), and vLLM's own OpenAI server, on the same weights and load, in one run.
+FastAPI app (uvicorn, no Ray), through the Ray Serve app (ingress -> LLM server replica ->
+engine) with each of Serve's HTTP fronts (its Python proxy; HAProxy, what jobs/serve.py
+starts: moray/serve/cluster_env.py), and vLLM's own OpenAI server, on the same weights and
+load, in one run.
 
 Two loads per system, greedy, fixed prompt and output lengths (ignore_eos):
   sequential  one streamed request at a time: time to first token (TTFT: the first event
@@ -21,6 +23,7 @@ no server holds a partial character back: a token is an event for every system.
     python bench/serve_http.py               # a few minutes on 2 shared cores
     python bench/serve_http.py --smoke       # the plumbing, small counts, no vLLM
     python bench/serve_http.py --no-vllm --no-ray
+    python bench/serve_http.py --ingress haproxy   # one Serve front only (default: both)
 
 Writes bench/results/serve_http.json (--smoke: serve_http_smoke.json); a table last.
 """
@@ -32,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 MODEL = dict(vocab_size=320, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1, ffn_hidden=256, mlp="swiglu",
              n_experts=4, top_k=2, max_seq_len=256, init_std=0.02)
 NAME = "bench"
+SERVE_SYSTEMS = {"proxy": "ray_serve", "haproxy": "ray_serve_haproxy"}  # Serve's HTTP front -> system name
 SPECIALS = ["<unk>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
@@ -201,20 +206,46 @@ def wait_ready(base: str, proc=None, timeout: float = 600) -> None:
     raise RuntimeError(f"{base} not ready after {timeout:.0f} s")
 
 
+def _descendants(pid: int) -> List[int]:
+    """Every process below pid now (a Ray cluster's raylet, GCS, workers, HAProxy), from /proc."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def start_subprocess(name: str, cmd: List[str], args, env=None, log: Path = None, port: int = 0) -> HTTP:
     base = f"http://127.0.0.1:{port}"
     lf = open(log or os.devnull, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
+        # Ctrl-C first: `serve run` then shuts Serve down, HAProxy included (HAProxy runs in a
+        # session of its own, out of reach of killpg, and outlives a SIGTERM'd `serve run`).
+        # Whatever is left afterwards, of what it had started, is killed.
+        started = _descendants(proc.pid)
         try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in [proc.pid] + started:
             try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
+        proc.wait()
         lf.close()
 
     t0 = time.perf_counter()
@@ -248,9 +279,12 @@ def plain_server(port: int, model_dir: str, args) -> None:
     uvicorn.run(build_api(server, cfg, keys=APIKeys([])), host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_ray_serve(model_dir: Path, args) -> HTTP:
-    """`serve run` of a Serve config file (as configs/serve-tiny.yaml), a local Ray cluster of its own."""
+def start_ray_serve(model_dir: Path, args, ingress: str = "proxy") -> HTTP:
+    """`serve run` of a Serve config file (as configs/serve-tiny.yaml), a local Ray cluster of its own
+    whose HTTP front is `ingress` ("proxy": Serve's Python proxy; "haproxy")."""
     import yaml
+
+    from moray.serve.cluster_env import serve_env
 
     cfg = serve_cfg(args)
     port = free_port()
@@ -260,11 +294,12 @@ def start_ray_serve(model_dir: Path, args) -> HTTP:
                                     f"serve.model_name={NAME}", "serve.dtype=float32",
                                     f"serve.max_num_seqs={cfg.max_num_seqs}", "serve.kv_cache_memory_mb=64",
                                     "serve.max_batch_tokens=1024", "serve.replica_cpus=1"]}}]}
-    path = ROOT / "runs" / "bench_serve" / "http" / "serve.yaml"
+    path = ROOT / "runs" / "bench_serve" / "http" / f"serve_{ingress}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [str(Path(sys.executable).with_name("serve")), "run", "--address", "local", str(path)]
-    log = ROOT / "runs" / "bench_serve" / "http" / "serve_run.log"
-    return start_subprocess("ray_serve", cmd, args, dict(os.environ, PYTHONPATH=str(ROOT)), log, port)
+    log = ROOT / "runs" / "bench_serve" / "http" / f"serve_run_{ingress}.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **serve_env(ingress))
+    return start_subprocess(SERVE_SYSTEMS[ingress], cmd, args, env, log, port)
 
 
 def start_vllm(model_dir: Path, args):
@@ -324,7 +359,7 @@ async def measure(systems: List, args, log) -> Dict[str, dict]:
 def overheads(results: Dict[str, dict]) -> Dict[str, dict]:
     base = results["engine"]
     out = {}
-    for name in ("http", "ray_serve", "vllm_http"):
+    for name in ("http", "ray_serve", "ray_serve_haproxy", "vllm_http"):
         r = results.get(name, {})
         if "ttft_p50_ms" not in r:
             continue
@@ -332,9 +367,11 @@ def overheads(results: Dict[str, dict]) -> Dict[str, dict]:
                      "ttft_p50_ratio": r["ttft_p50_ms"] / base["ttft_p50_ms"],
                      "tpot_p50_extra_ms": r["tpot_p50_ms"] - base["tpot_p50_ms"],
                      "concurrent_tokens_per_s_ratio": r["concurrent_tokens_per_s"] / base["concurrent_tokens_per_s"]}
-    if "ttft_p50_ms" in results.get("ray_serve", {}) and "ttft_p50_ms" in results.get("vllm_http", {}):
-        out["ray_serve_vs_vllm_http"] = {
-            "ttft_p50_extra_ms": results["ray_serve"]["ttft_p50_ms"] - results["vllm_http"]["ttft_p50_ms"]}
+    for name in SERVE_SYSTEMS.values():
+        for other in ("http", "vllm_http"):  # the Serve layers alone; the bar of ray issue 59681
+            if "ttft_p50_ms" in results.get(name, {}) and "ttft_p50_ms" in results.get(other, {}):
+                out[f"{name}_vs_{other}"] = {
+                    "ttft_p50_extra_ms": results[name]["ttft_p50_ms"] - results[other]["ttft_p50_ms"]}
     return out
 
 
@@ -343,24 +380,30 @@ def print_table(r: dict, out: Path) -> None:
     print(f"\n{a['prompt_len']} prompt + {a['new_tokens']} new tokens, greedy; sequential: {a['sequential']} streamed "
           f"requests; concurrent: {a['clients']} clients x {a['requests_per_client']} requests; load avg "
           f"{r['load_avg_1m']:.1f} on {os.cpu_count()} cores")
-    print(f"{'system':>22} {'TTFT p50':>9} {'p90':>7} {'TPOT p50':>9} {'e2e p50':>8} {'conc req/s':>11} "
+    print(f"{'system':>24} {'TTFT p50':>9} {'p90':>7} {'TPOT p50':>9} {'e2e p50':>8} {'conc req/s':>11} "
           f"{'conc tok/s':>11} {'+TTFT ms':>9} {'xTTFT':>6}")
-    labels = {"engine": "engine in process", "http": "HTTP (FastAPI, no Ray)", "ray_serve": "Ray Serve app",
-              "vllm_http": "vLLM OpenAI server"}
+    labels = {"engine": "engine in process", "http": "HTTP (FastAPI, no Ray)", "ray_serve": "Serve app, Serve proxy",
+              "ray_serve_haproxy": "Serve app, HAProxy", "vllm_http": "vLLM OpenAI server"}
     for key, label in labels.items():
         s = r["systems"].get(key, {})
         if "ttft_p50_ms" not in s:
             if s:
-                print(f"{label:>22}  skipped: {s.get('skipped')}")
+                print(f"{label:>24}  skipped: {s.get('skipped')}")
             continue
         o = r["overhead"].get(key, {})
         extra = f"{o['ttft_p50_extra_ms']:>9.1f} {o['ttft_p50_ratio']:>6.2f}" if o else f"{'-':>9} {'-':>6}"
-        print(f"{label:>22} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>7.1f} {s['tpot_p50_ms']:>9.2f} "
+        print(f"{label:>24} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>7.1f} {s['tpot_p50_ms']:>9.2f} "
               f"{s['e2e_p50_ms']:>8.1f} {s['concurrent_requests_per_s']:>11.2f} {s['concurrent_tokens_per_s']:>11.0f} "
               f"{extra}")
-    if "ray_serve_vs_vllm_http" in r["overhead"]:
-        print(f"Ray Serve app vs vLLM's server, TTFT p50: {r['overhead']['ray_serve_vs_vllm_http']['ttft_p50_extra_ms']:+.1f} ms "
-              f"(Ray Serve LLM vs bare vLLM, ray issue 59681: ~+20 ms)")
+    for name in SERVE_SYSTEMS.values():
+        o = r["overhead"]
+        if f"{name}_vs_http" in o:
+            print(f"{labels[name]} vs our FastAPI app (the Serve layers), TTFT p50: "
+                  f"{o[f'{name}_vs_http']['ttft_p50_extra_ms']:+.1f} ms")
+        if f"{name}_vs_vllm_http" in o:
+            print(f"{labels[name]} vs vLLM's server, TTFT p50: "
+                  f"{o[f'{name}_vs_vllm_http']['ttft_p50_extra_ms']:+.1f} ms "
+                  f"(Ray Serve LLM vs bare vLLM, ray issue 59681: ~+20 ms)")
     print(f"(ms; 'x' = over the engine in process)\nwrote {out}")
 
 
@@ -374,6 +417,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--ingress", choices=["both", *SERVE_SYSTEMS], default="both",
+                    help="the Serve app's HTTP front(s) to measure (default both)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--no-install", action="store_true", help="use bench/.venv-vllm only if it is there")
     ap.add_argument("--server-timeout", type=float, default=600)
@@ -397,7 +442,9 @@ def main() -> None:
 
     model_dir = save_model(ROOT / "runs" / "bench_serve" / "http" / "hf")
     systems, skipped = [], {}
-    starters = [("http", start_plain_http)] + ([] if args.no_ray else [("ray_serve", start_ray_serve)]) + \
+    fronts = [] if args.no_ray else list(SERVE_SYSTEMS) if args.ingress == "both" else [args.ingress]
+    starters = [("http", start_plain_http)] + \
+        [(SERVE_SYSTEMS[f], lambda d, a, f=f: start_ray_serve(d, a, f)) for f in fronts] + \
         ([] if args.no_vllm else [("vllm_http", start_vllm)])
     try:
         systems.append(Engine(model_dir, args))

@@ -43,13 +43,13 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 from a daemon thread, until stop()."""
 
-    def __init__(self, app, port: int = 0):
+    def __init__(self, app, port: int = 0, root_path: str = ""):
         import uvicorn
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+                                                    lifespan="off", root_path=root_path))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     def __enter__(self) -> "ServerThread":

@@ -341,6 +341,11 @@ def test_api_keys(server, tmp_path, monkeypatch, caplog):
             openai.OpenAI(base_url=st.url + "/v1", api_key="nope", max_retries=0).models.list()
         good = openai.OpenAI(base_url=st.url + "/v1", api_key="sekret-b", max_retries=0)
         assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    # Mounted under a prefix (a Serve route_prefix arrives as root_path): /v1 is guarded there too
+    with ServerThread(build_api(server, server.serve, keys=keys), root_path="/moray") as st:
+        _assert_error(httpx.get(st.url + "/v1/models"), 401, None)
+        assert httpx.get(st.url + "/v1/models", headers={"Authorization": "Bearer sekret-a"}).status_code == 200
+        assert httpx.get(st.url + "/health").status_code == 200
     assert "sekret" not in caplog.text
 
 
@@ -399,6 +404,38 @@ def test_metrics_have_vllms_names_under_moray(client, http):
     assert samples["moray:inter_token_latency_seconds_count"].value >= 11
     assert samples["moray:generation_tokens_total"].value >= 12
     assert samples["moray:kv_cache_usage_perc"].labels == {"model_name": "tiny"}
+
+
+def test_replicas_merge_into_one_apps_metrics(client, server):
+    """What the Serve ingress answers for several replicas (moray/serve/app.py), on this engine's
+    real snapshots: counters and histograms summed, gauges one per replica, and the counters of a
+    replica that went away kept, so no sum ever goes down."""
+    import asyncio
+
+    from moray.serve.openai.metrics import ReplicaTotals, render
+
+    client.completions.create(model="tiny", prompt="the moray", **GREEDY)
+    snap = asyncio.run(server.metrics_snapshot())
+    a, b = {**snap, "replica": "a"}, {**snap, "replica": "b"}
+
+    def scrape(snapshots, live):
+        return {(s.name, s.labels.get("replica")): s.value
+                for f in text_string_to_metric_families(render(snapshots, live)) for s in f.samples
+                if s.labels.get("finished_reason") in (None, "length")}
+
+    totals = ReplicaTotals(forget_after_s=60)
+    both = scrape(totals.update([a, b], now=0.0), [a, b])
+    one = snap["counters"]["moray:generation_tokens"]
+    assert both[("moray:generation_tokens_total", None)] == 2 * one > 0
+    assert both[("moray:time_to_first_token_seconds_count", None)] == 2 * sum(snap["histograms"][
+        "moray:time_to_first_token_seconds"][0])
+    assert {r for (name, r) in both if name == "moray:kv_cache_usage_perc"} == {"a", "b"}
+    assert both[("moray:server_replicas", None)] == 2
+    gone = scrape(totals.update([b], now=10.0), [b])  # a stopped answering: its counters stay in the sums
+    assert gone[("moray:generation_tokens_total", None)] == 2 * one
+    assert {r for (name, r) in gone if name == "moray:kv_cache_usage_perc"} == {"b"}
+    later = scrape(totals.update([b], now=100.0), [b])  # folded into one retired entry, still counted
+    assert later[("moray:generation_tokens_total", None)] == 2 * one and set(totals.last) == {"b", "retired"}
 
 
 def test_health_is_503_when_the_engine_or_its_gang_is_dead(model_dir, server, monkeypatch):

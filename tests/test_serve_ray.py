@@ -1,8 +1,10 @@
-"""The real Ray Serve application, started once for the module on a fresh local Ray cluster:
-ingress (FastAPI) -> two LLM server replicas -> engines, on 127.0.0.1, driven by the
-official `openai` client. Completions, a stream and chat through both hops; keys; metrics;
-a client that goes away mid-stream frees the KV blocks of the replica across the hop; a
-replica killed under load loses no non-streamed request; engines that die turn /health 503."""
+"""The real Ray Serve application, started once for the module on a fresh local Ray cluster
+with HAProxy in front (what jobs/serve.py starts): HAProxy -> ingress (FastAPI) -> two LLM
+server replicas -> engines, on 127.0.0.1, driven by the official `openai` client.
+Completions, a stream and chat through both hops; keys; /metrics is the whole app's (every
+replica's counters summed, gauges per replica); a client that goes away mid-stream frees the
+KV blocks of the replica across the hop; a replica killed under load loses no non-streamed
+request; /health stays 200 while one engine runs and turns 503 when none does."""
 
 from __future__ import annotations
 
@@ -26,12 +28,19 @@ def app_url(tmp_path_factory):
     from ray import serve
 
     from moray.serve.app import build_app
+    from moray.serve.cluster_env import serve_env
 
     root = tmp_path_factory.mktemp("serve_ray")
     model = save_tiny_model(root / "tiny")
     (root / "keys").write_text(KEY + "\n")
-    # address="local": a cluster of our own, even when another `ray start` runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as env:  # the cluster's processes inherit it; later modules don't
+        for k, v in serve_env("haproxy").items():
+            env.setenv(k, v)
+        # An ingress replica going away keeps serving 30 s (by default) for load balancers to notice;
+        # nothing here needs that, and the module's teardown would wait for it.
+        env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+        # address="local": a cluster of our own, even when another `ray start` runs on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(model), "overrides": [
@@ -49,10 +58,22 @@ def client(app_url):
 
 
 def _metrics(app_url):
-    """{sample name: (replica, value)} from one scrape (it reaches one replica)."""
-    text = httpx.get(app_url + "/metrics").text
-    return {s.name: (s.labels.get("replica"), s.value) for f in text_string_to_metric_families(text)
-            for s in f.samples}
+    """{sample name: {replica label or None: value}} from one scrape of the whole app."""
+    out = {}
+    for f in text_string_to_metric_families(httpx.get(app_url + "/metrics").text):
+        for s in f.samples:
+            if s.labels.get("finished_reason") not in (None, "length"):
+                continue
+            out.setdefault(s.name, {})[s.labels.get("replica")] = s.value
+    return out
+
+
+def _replica_snapshots():
+    """Each LLM server replica's own numbers, asked directly (what /metrics should add up)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("LLMServer", app_name="moray").broadcast("metrics_snapshot").results(
+        timeout_s=30)
 
 
 def test_completion_stream_chat_models_and_health(client, app_url):
@@ -70,6 +91,7 @@ def test_completion_stream_chat_models_and_health(client, app_url):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(app_url + "/health")
     assert health.status_code == 200 and health.json()["alive"] is True
+    assert health.json()["replicas_alive"] == 2 and len(health.json()["replica_states"]) == 2
 
 
 def test_n_stop_usage_and_concurrent_greedy_through_serve(client):
@@ -103,39 +125,51 @@ def test_keys_bad_input_and_metrics(client, app_url):
     for name in ("moray:time_to_first_token_seconds_count", "moray:num_requests_running",
                  "moray:kv_cache_usage_perc", "moray:generation_tokens_total", "moray:prefix_cache_hits_total"):
         assert name in m, name
-    assert m["moray:num_requests_running"][0]  # labelled by replica
 
 
-def _per_replica(app_url, until):
-    """{replica: {sample: value}} from scrapes until `until(view)` holds (bounded). A scrape reaches one
-    replica, and Serve sends it to the less busy one: a replica still running a request is not seen."""
-    view = {}
+def test_metrics_are_the_whole_apps(client, app_url):
+    """One scrape: gauges for each of the two replicas (labelled), counters and histograms summed
+    over both, equal to what the replicas say of themselves, and they grow by exactly what was asked."""
+    before = _metrics(app_url)
+    prompts = [f"count {i}" for i in range(8)]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: Serve spreads them over both replicas
+        list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, **GREEDY), prompts))
+    m = _metrics(app_url)
+    replicas = {s["replica"] for s in _replica_snapshots()}
+    assert set(m["moray:num_requests_running"]) == replicas and len(replicas) == 2
+    assert set(m["moray:kv_cache_usage_perc"]) == replicas
+    assert m["moray:server_replicas"][None] == 2
+    assert m["moray:generation_tokens_total"][None] - before["moray:generation_tokens_total"][None] == 8 * 8
+    assert m["moray:request_success_total"][None] - before["moray:request_success_total"][None] == 8
+    assert m["moray:time_to_first_token_seconds_count"][None] - \
+        before["moray:time_to_first_token_seconds_count"][None] == 8
+    snaps = _replica_snapshots()
+    assert all(s["counters"]["moray:generation_tokens"] > 0 for s in snaps)  # both served some
+    assert sum(s["counters"]["moray:generation_tokens"] for s in snaps) == m["moray:generation_tokens_total"][None]
+
+
+def _until_idle(app_url):
+    """A scrape in which both replicas are idle with empty KV caches (bounded wait)."""
     for _ in range(300):
         m = _metrics(app_url)
-        replica = m["moray:num_requests_running"][0]
-        view[replica] = {name: value for name, (_, value) in m.items()}
-        if until(view):
-            return view
-    raise AssertionError(f"replicas seen: {sorted(view)}; never {until.__doc__}")
+        running, kv = m["moray:num_requests_running"], m["moray:kv_cache_usage_perc"]
+        if len(running) == 2 and not any(running.values()) and not any(kv.values()):
+            return m
+    raise AssertionError(f"the replicas never went idle: running {running}, kv {kv}")
 
 
 def test_disconnect_mid_stream_aborts_across_the_hop(client, app_url):
-    def both(view):
-        """two replicas, both idle with empty KV caches"""
-        return len(view) == 2 and all(v["moray:num_requests_running"] == 0 and v["moray:kv_cache_usage_perc"] == 0
-                                      for v in view.values())
-
-    before = _per_replica(app_url, both)
+    before = _until_idle(app_url)
     stream = client.completions.create(model="tiny", prompt="the moray hides", max_tokens=100, stream=True,
                                        extra_body={"ignore_eos": True})
     it = iter(stream)
     next(it), next(it)
     stream.close()  # the ingress cancels its handle request; the replica's generator aborts the engine request
-    after = _per_replica(app_url, both)
-    generated = sum(after[r]["moray:generation_tokens_total"] - before[r]["moray:generation_tokens_total"]
-                    for r in after)
+    after = _until_idle(app_url)
+    generated = after["moray:generation_tokens_total"][None] - before["moray:generation_tokens_total"][None]
     assert 2 <= generated < 100
-    assert sum(after[r].get("moray:request_success_total", 0) for r in after) >= 1  # (finished_reason="abort")
+    aborted = [s["finished"].get("abort", 0) for s in _replica_snapshots()]
+    assert sum(aborted) >= 1
 
 
 def _replica_ids():
@@ -171,22 +205,21 @@ def test_killing_one_of_two_replicas_loses_no_non_streamed_request(client):
     assert len(results) == 6 and all(len(r) == 3 for r in results)
 
 
-def test_dead_engines_make_health_503(app_url):
+def test_health_is_the_apps_503_only_when_no_engine_runs(app_url):
     from ray import serve
 
     pause = threading.Event()
     for _ in range(900):  # Serve replaces the killed replica; wait until two run (constructed, routable)
         running = serve.status().applications["moray"].deployments["LLMServer"].replica_states.get("RUNNING", 0)
-        if running == 2 and len(_replica_ids()) == 2:
+        if running == 2 and len(_replica_ids()) == 2 and httpx.get(app_url + "/health").json().get("replicas") == 2:
             break
         pause.wait(0.1)
     handle = serve.get_deployment_handle("LLMServer", app_name="moray")
-    stopped = set()
-    for _ in range(600):  # the handle reaches one replica per call; stop every engine there is
-        stopped.add(handle.stop_engine.remote().result())
-        if _replica_ids() <= stopped:
-            break
-        pause.wait(0.05)
+    one = handle.stop_engine.remote().result()
+    health = httpx.get(app_url + "/health")
+    assert health.status_code == 200 and health.json()["replicas_alive"] == 1  # the other still serves
+    assert one in health.json()["reason"]
+    stopped = set(handle.broadcast("stop_engine").results(timeout_s=60))
     assert _replica_ids() <= stopped
     health = httpx.get(app_url + "/health")
     assert health.status_code == 503

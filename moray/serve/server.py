@@ -3,7 +3,7 @@
     server = LLMServer.from_path("runs/demo", ServeConfig(...))   # or LLMServer(engine, serve_cfg)
     body = await server.complete(request)          # a CompletionRequest / ChatCompletionRequest -> JSON
     async for event in server.stream(request): ... # "" once accepted, then SSE events, then [DONE]
-    await server.health(), server.metrics_text(), server.model_card()
+    await server.health(), server.metrics_snapshot(), server.metrics_text(), server.model_card()
 
 No HTTP and no Ray here: the FastAPI app (moray/serve/openai/api.py) calls it in the
 same process in tests and in `bench/serve_http.py`, and the Ray Serve deployment
@@ -15,10 +15,15 @@ it would only make every request late). A request leaves the count when its stre
 ends, however it ends: finished, failed, or closed because the client went away, in
 which case closing the engine's stream aborts the request and frees its KV blocks on
 the engine's next turn.
+
+A stream hands the request to the engine before it says "accepted": the engine starts on
+the prompt while the acceptance travels to the caller (through Ray Serve, a hop and back),
+so the first token does not wait for that round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import AsyncIterator, Dict, List, Optional, Union
@@ -54,6 +59,7 @@ class LLMServer:
                              serve.max_tokens_limit, serve.max_n)
         self.capacity = serve.max_num_seqs + serve.max_queue  # sequences admitted at once
         self.in_flight = 0
+        self.replica = replica
         self.metrics = EngineMetrics(self.model_name, replica)
 
     @classmethod
@@ -104,12 +110,15 @@ class LLMServer:
         self._admit(job)
         finals: List = [None] * len(job.prompts)
         fmt = Formatter(job, self.tokenizer, self.model_name)
+        outputs = generate(self.engine, job)
+        first = asyncio.ensure_future(outputs.__anext__())  # the engine takes the request now
+        events = _after(first, outputs)
         try:
             yield ""
             for event in fmt.first_chunks():
                 yield event
             try:
-                async for i, out in generate(self.engine, job):
+                async for i, out in events:
                     finals[i] = out
                     for event in fmt.chunks(i, out):
                         yield event
@@ -122,7 +131,12 @@ class LLMServer:
                 yield fmt.usage_chunk(finals)
             yield DONE
         finally:
-            self._release(job, finals)
+            try:
+                await events.aclose()
+                await _settle(first)  # before closing `outputs`: its first step may still be running there
+                await outputs.aclose()  # a stream closed early aborts the engine request
+            finally:
+                self._release(job, finals)
 
     # ---------------------------------------------------------------- state
 
@@ -150,7 +164,12 @@ class LLMServer:
 
     async def health(self) -> Dict:
         alive, reason = self.alive()
-        return {"alive": alive, "reason": reason, "in_flight": self.in_flight, "capacity": self.capacity}
+        return {"alive": alive, "reason": reason, "in_flight": self.in_flight, "capacity": self.capacity,
+                **({"replica": self.replica} if self.replica else {})}
+
+    async def metrics_snapshot(self) -> Dict:
+        """This replica's numbers as plain data (the Serve ingress merges every replica's)."""
+        return self.metrics.snapshot(self.engine.core)
 
     async def metrics_text(self) -> str:
         return self.metrics.render(self.engine.core)
@@ -163,3 +182,24 @@ class LLMServer:
         """Stop this replica's engine: requests in flight fail with 503, /health answers 503, and
         Serve's health check replaces the replica (an operator's drain; how tests kill an engine)."""
         self.engine.shutdown()
+
+
+async def _after(first: "asyncio.Future", rest: AsyncIterator) -> AsyncIterator:
+    """The items of `rest` whose first step `first` (a task) already took."""
+    try:
+        yield await first
+    except StopAsyncIteration:
+        return
+    async for item in rest:
+        yield item
+
+
+async def _settle(task: "asyncio.Future") -> None:
+    """Cancel `task` if it still runs and wait for it to end; its outcome is taken either way (an
+    error the stream already reported, or one nobody is left to hear)."""
+    if not task.done():
+        task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - see above
+        pass

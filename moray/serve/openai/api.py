@@ -67,7 +67,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["path"].startswith("/v1") and self.keys.enabled:
+        if _route_path(scope).startswith("/v1") and self.keys.enabled:
             try:
                 self.keys.check(_bearer(scope))
             except APIError as err:
@@ -94,6 +94,13 @@ class Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _route_path(scope) -> str:
+    """The path below where the app is mounted: behind a prefix (a Serve route_prefix, uvicorn's
+    root_path) `path` starts with `root_path`, and /v1 must be guarded there too."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _header(scope, name: bytes) -> Optional[str]:

@@ -9,23 +9,30 @@ after replacing `vllm:` by `moray:`.
     moray:spec_decode_num_drafts_total / _num_draft_tokens_total / _num_accepted_tokens_total
     moray:time_to_first_token_seconds, moray:inter_token_latency_seconds,
     moray:e2e_request_latency_seconds, moray:request_queue_time_seconds   histograms
+    moray:server_replicas                      gauge: LLM server replicas in this answer
+
+One LLM server replica takes a `snapshot` of its engine (plain data, so it crosses Ray);
+`render(snapshots)` writes the Prometheus text of any number of them: the whole app's
+counters and histograms summed over replicas (a dashboard's rate() and quantiles are the
+app's), its gauges one sample per replica, labelled `replica` (a dashboard sums or averages
+them as it sees fit). Through Ray Serve the ingress asks every replica (moray/serve/app.py);
+`ReplicaTotals` there keeps the last numbers of a replica that went away, so a sum never
+goes down (Prometheus would read a drop as a counter reset).
 
 The engine appends each latency it measures to a list in `EngineStats`; `absorb` moves
-what is new into fixed-bucket histograms and empties those lists, so a server that
-runs for weeks holds a few hundred counters, not every latency it ever saw. Gauges
-are read when scraped rather than from the stats snapshot, which the engine refreshes
-only when it steps: after the last request leaves (or is aborted) nothing steps, and a
-snapshot would show the old KV usage forever.
-
-One LLM server replica exports its own engine; the ingress's /metrics answers with the
-replica it reaches, labelled by `replica` (scrape each replica, or sum in Prometheus).
+what is new into fixed-bucket histograms and empties those lists, so a server that runs
+for weeks holds a few hundred counters, not every latency it ever saw. Gauges are read
+when scraped rather than from the stats snapshot, which the engine refreshes only when it
+steps: after the last request leaves (or is aborted) nothing steps, and a snapshot would
+show the old KV usage forever.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from typing import Dict, List, Sequence
+import time
+from typing import Dict, Iterable, List, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -46,6 +53,24 @@ HISTOGRAMS = {
     "moray:e2e_request_latency_seconds": ("e2e_latency_s", _E2E, "Time from arrival to the last token."),
     "moray:request_queue_time_seconds": ("queue_time_s", _E2E, "Time a request waited before it first ran."),
 }
+# gauge name -> (help, read from an EngineCore now)
+GAUGES = {
+    "moray:num_requests_running": ("Sequences in the engine's running batch.", lambda c: c.scheduler.num_running),
+    "moray:num_requests_waiting": ("Sequences waiting for the engine.", lambda c: c.scheduler.num_waiting),
+    "moray:kv_cache_usage_perc": ("Fraction of KV-cache blocks held by requests (1 = full).", lambda c: c.kv.usage),
+}
+# counter name (without _total) -> (help, read from EngineStats)
+COUNTERS = {
+    "moray:prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
+    "moray:prefix_cache_hits": ("Prompt tokens the prefix cache served.", lambda s: s.prefix_cache_hits),
+    "moray:prompt_tokens": ("Prompt tokens taken in.", lambda s: s.prompt_tokens),
+    "moray:generation_tokens": ("Tokens generated.", lambda s: s.generation_tokens),
+    "moray:num_preemptions": ("Sequences preempted (KV cache full).", lambda s: s.num_preemptions),
+    "moray:spec_decode_num_drafts": ("Speculative verification steps.", lambda s: s.spec.steps),
+    "moray:spec_decode_num_draft_tokens": ("Draft tokens proposed.", lambda s: s.spec.drafted),
+    "moray:spec_decode_num_accepted_tokens": ("Draft tokens accepted.", lambda s: s.spec.accepted),
+}
+SUCCESS = "moray:request_success"
 
 
 class _Histogram:
@@ -59,17 +84,12 @@ class _Histogram:
             self.counts[bisect.bisect_left(self.bounds, v)] += 1
             self.sum += v
 
-    def cumulative(self) -> List[tuple]:
-        out, total = [], 0
-        for bound, c in zip(self.bounds + [float("inf")], self.counts):
-            total += c
-            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
-        return out
-
 
 class EngineMetrics:
+    """One replica's metrics: the histograms and finish counts the engine's stats don't keep."""
+
     def __init__(self, model_name: str, replica: str = ""):
-        self.labels = {"model_name": model_name, **({"replica": replica} if replica else {})}
+        self.model_name, self.replica = model_name, replica
         self.histograms = {name: _Histogram(b) for name, (_, b, _) in HISTOGRAMS.items()}
         self.finished: Dict[str, int] = {}
         self._lock = threading.Lock()
@@ -87,54 +107,112 @@ class EngineMetrics:
         with self._lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
-    def render(self, core) -> str:
-        """The Prometheus text exposition of `core` (an EngineCore) now."""
+    def snapshot(self, core) -> dict:
+        """Everything a scrape shows of `core` (an EngineCore) now, as plain data."""
         self.absorb(core.stats)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self, core))
-        return generate_latest(registry).decode("utf-8")
+        with self._lock:
+            return {"model_name": self.model_name, "replica": self.replica,
+                    "gauges": {name: float(read(core)) for name, (_, read) in GAUGES.items()},
+                    "counters": {name: float(read(core.stats)) for name, (_, read) in COUNTERS.items()},
+                    "finished": dict(self.finished),
+                    "histograms": {name: (list(h.counts), h.sum) for name, h in self.histograms.items()}}
+
+    def render(self, core) -> str:
+        return render([self.snapshot(core)])
+
+
+class ReplicaTotals:
+    """The last snapshot of every replica seen, for the counters and histograms: a replica that
+    stops answering (replaced, scaled down) keeps its last numbers in the sums, so they never go
+    down; a replica that answers again replaces its own. One silent for `forget_after_s` is folded
+    into a single retired entry, so the map stays as small as the live replica set."""
+
+    RETIRED = "retired"
+
+    def __init__(self, forget_after_s: float = 3600.0):
+        self.forget_after_s = forget_after_s
+        self.last: Dict[str, dict] = {}  # replica -> its last snapshot
+        self.seen_at: Dict[str, float] = {}  # replica -> when it last answered (monotonic)
+
+    def update(self, live: Iterable[dict], now: float = None) -> List[dict]:
+        """The snapshots to sum: the live ones and the last of each replica gone."""
+        now = time.monotonic() if now is None else now
+        for snap in live:
+            self.last[snap["replica"]], self.seen_at[snap["replica"]] = snap, now
+        for replica in [r for r, t in self.seen_at.items() if r != self.RETIRED and now - t > self.forget_after_s]:
+            gone = self.last.pop(replica)
+            del self.seen_at[replica]
+            old = self.last.get(self.RETIRED)
+            self.last[self.RETIRED] = _add(old, gone) if old else {**gone, "replica": self.RETIRED}
+            self.seen_at[self.RETIRED] = now
+        return list(self.last.values())
+
+
+def _add(a: dict, b: dict) -> dict:
+    """Counters and histograms of two snapshots added (a's gauges and labels kept)."""
+    out = {**a, "counters": {k: a["counters"].get(k, 0.0) + b["counters"].get(k, 0.0)
+                             for k in set(a["counters"]) | set(b["counters"])},
+           "finished": {k: a["finished"].get(k, 0) + b["finished"].get(k, 0)
+                        for k in set(a["finished"]) | set(b["finished"])}}
+    out["histograms"] = {}
+    for name in set(a["histograms"]) | set(b["histograms"]):
+        (ca, sa), (cb, sb) = a["histograms"].get(name, ([], 0.0)), b["histograms"].get(name, ([], 0.0))
+        width = max(len(ca), len(cb))
+        ca, cb = ca + [0] * (width - len(ca)), cb + [0] * (width - len(cb))
+        out["histograms"][name] = ([x + y for x, y in zip(ca, cb)], sa + sb)
+    return out
+
+
+def render(snapshots: Sequence[dict], live: Sequence[dict] = None) -> str:
+    """The Prometheus text of `snapshots` summed (counters, histograms), with the gauges of
+    `live` (default: the same snapshots) one sample per replica."""
+    snapshots = list(snapshots)
+    live = snapshots if live is None else list(live)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(snapshots, live))
+    return generate_latest(registry).decode("utf-8")
 
 
 class _Collector:
-    def __init__(self, metrics: EngineMetrics, core):
-        self.m, self.core = metrics, core
+    def __init__(self, snapshots: List[dict], live: List[dict]):
+        self.snapshots, self.live = snapshots, live
 
     def collect(self):
-        names, values = list(self.m.labels), list(self.m.labels.values())
-        s, sched = self.core.stats, self.core.scheduler
-
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(values, value)
-            return g
-
-        def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=names)
-            c.add_metric(values, value)
-            return c
-
-        yield gauge("moray:num_requests_running", "Sequences in the engine's running batch.", sched.num_running)
-        yield gauge("moray:num_requests_waiting", "Sequences waiting for the engine.", sched.num_waiting)
-        yield gauge("moray:kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (1 = full).",
-                    self.core.kv.usage)
-        yield counter("moray:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queries)
-        yield counter("moray:prefix_cache_hits", "Prompt tokens the prefix cache served.", s.prefix_cache_hits)
-        yield counter("moray:prompt_tokens", "Prompt tokens taken in.", s.prompt_tokens)
-        yield counter("moray:generation_tokens", "Tokens generated.", s.generation_tokens)
-        yield counter("moray:num_preemptions", "Sequences preempted (KV cache full).", s.num_preemptions)
-        yield counter("moray:spec_decode_num_drafts", "Speculative verification steps.", s.spec.steps)
-        yield counter("moray:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec.drafted)
-        yield counter("moray:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec.accepted)
-        success = CounterMetricFamily("moray:request_success", "Requests finished, by finish reason.",
-                                      labels=names + ["finished_reason"])
-        with self.m._lock:
-            finished = dict(self.m.finished)
-            hists = {n: (h.cumulative(), h.sum) for n, h in self.m.histograms.items()}
-        for reason, n in sorted(finished.items()):
-            success.add_metric(values + [reason], n)
+        model = next((s["model_name"] for s in self.snapshots + self.live), "")
+        total = None
+        for s in self.snapshots:
+            total = _add(total, s) if total else s
+        per_replica = any(s["replica"] for s in self.live)  # through Serve; in one process, no label
+        for name, (doc, _) in GAUGES.items():
+            g = GaugeMetricFamily(name, doc, labels=["model_name", "replica"] if per_replica else ["model_name"])
+            for s in self.live:
+                g.add_metric([model, s["replica"]] if per_replica else [model], s["gauges"].get(name, 0.0))
+            yield g
+        replicas = GaugeMetricFamily("moray:server_replicas", "LLM server replicas that answered this scrape.",
+                                     labels=["model_name"])
+        replicas.add_metric([model], len(self.live))
+        yield replicas
+        if total is None:
+            return
+        for name, (doc, _) in COUNTERS.items():
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([model], total["counters"].get(name, 0.0))
+            yield c
+        success = CounterMetricFamily(SUCCESS, "Requests finished, by finish reason.",
+                                      labels=["model_name", "finished_reason"])
+        for reason, n in sorted(total["finished"].items()):
+            success.add_metric([model, reason], n)
         yield success
-        for name, (buckets, total) in hists.items():
-            h = HistogramMetricFamily(name, HISTOGRAMS[name][2], labels=names)
-            h.add_metric(values, buckets, total)
+        for name, (_, bounds, doc) in HISTOGRAMS.items():
+            counts, total_sum = total["histograms"].get(name, ([0] * (len(bounds) + 1), 0.0))
+            h = HistogramMetricFamily(name, doc, labels=["model_name"])
+            h.add_metric([model], _cumulative(bounds, counts), total_sum)
             yield h
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> List[tuple]:
+    out, running = [], 0
+    for bound, c in zip(list(bounds) + [float("inf")], counts):
+        running += c
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
