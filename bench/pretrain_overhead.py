@@ -5,7 +5,10 @@ pipeline bubble measured against (p-1)/(m+p-1).
     python bench/pretrain_overhead.py [--steps 12]
 
 On 2 CPU cores the workers share the cores, so the ratio shows overhead
-(scheduling, gloo collectives, pipeline sends), not speed-up.
+(scheduling, gloo collectives, pipeline sends), not speed-up. The tensor-parallel
+rows split every block, the head and the loss over 2 ranks (with sequence
+parallelism also the norms, the residual stream and the routing); their global
+batch is dp 1's, half the others', and the ratio is of tokens/s.
 Results: bench/results/pretrain_overhead.json.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +30,12 @@ LAYOUTS = {
     "pp2 x ep2 (4 workers)": ["parallel.pp=2", "parallel.ep=2", "cluster.num_workers=4"],
     "pp2 (2 workers)": ["parallel.pp=2", "parallel.ep=1", "cluster.num_workers=2"],
     "dp2 + ZeRO-1 (2 workers)": ["parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2"],
+    # Tensor parallelism: vocabulary-parallel head and loss, with and without sequence parallelism.
+    "tp2 (2 workers)": ["parallel.tp=2", "parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2"],
+    "tp2 + SP (2 workers)": ["parallel.tp=2", "parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2",
+                             "parallel.sequence_parallel=true"],
+    "pp2 x tp2 + SP (4 workers)": ["parallel.tp=2", "parallel.pp=2", "parallel.ep=1", "cluster.num_workers=4",
+                                   "parallel.sequence_parallel=true"],
 }
 
 
@@ -90,6 +100,7 @@ def main() -> int:
     ensure_prepared(cfg, log=lambda *_: None)
     # The baseline runs before and after the Ray runs; the faster of the two is the one
     # least disturbed by whatever else the shared machine was doing.
+    load_before = os.getloadavg()[0]  # the cores are shared: a busy machine makes every ratio smaller
     first = one_process(cfg, args.steps)
     ray_rows = [{"layout": name, **on_ray(overrides, args.steps, data_dir)} for name, overrides in LAYOUTS.items()]
     second = one_process(cfg, args.steps)
@@ -98,14 +109,16 @@ def main() -> int:
              "baseline_step_s_before_after": [first["step_s"], second["step_s"]]}]
     rows += [{**r, "ratio": r["tokens_per_s"] / base["tokens_per_s"]} for r in ray_rows]
 
-    print(f"\n{'layout':<28}{'step s':>9}{'tokens/s':>11}{'vs 1 proc':>11}{'bubble':>9}{'measured':>10}")
+    print(f"\n{'layout':<30}{'step s':>9}{'tokens/s':>11}{'vs 1 proc':>11}{'bubble':>9}{'measured':>10}")
     for r in rows:
         theory = f"{r['bubble_theory']:.1%}" if r.get("bubble_theory") else "-"
         measured = f"{r['bubble_measured']:.1%}" if r.get("bubble_measured") is not None else "-"
-        print(f"{r['layout']:<28}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['ratio']:>10.2f}x"
+        print(f"{r['layout']:<30}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['ratio']:>10.2f}x"
               f"{theory:>9}{measured:>10}")
     out = ROOT / "bench/results/pretrain_overhead.json"
+    print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (on 2 cores)")
     out.write_text(json.dumps({"rows": rows, "steps": args.steps, "model": "configs/tiny.yaml",
+                               "load_average_before_after": [load_before, os.getloadavg()[0]],
                                "machine": "2 CPU cores, local Ray cluster, float32"}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 STEPS = 4  # on one repeated batch, so the loss must fall every step
 LOSS_RTOL = 2e-2  # bf16 against the float32 single process (measured: about 1e-4)
 MEMORY_RTOL = 0.05
-LAYOUTS = {"pp2": dict(pp=2, microbatches=4), "ep2": dict(ep=2, microbatches=2, zero=1)}
+LAYOUTS = {"pp2": dict(pp=2, microbatches=4), "ep2": dict(ep=2, microbatches=2, zero=1),
+           "tp2_sp": dict(tp=2, microbatches=4, sequence_parallel=True)}
 
 
 # ---------------------------------------------------------------- in the spawned processes
@@ -71,6 +72,10 @@ def _install_spies(seen: dict) -> None:
     spy(PipelineStage, "get_bwd_send_ops", lambda a, ops: add("pipeline_bwd_send", (o.tensor.dtype for o in ops)))
     # Rows travel as floats; the counts exchanged first are int64.
     spy(dist, "all_to_all_single", lambda a, out: add("all_to_all", (t.dtype for t in a[:2] if t.is_floating_point())))
+    # Sequence parallelism's all-gathers and reduce-scatters (sequence shards, expert rows).
+    for name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        if hasattr(dist, name):  # torch 2.13 has all four, 2.11 the last two
+            spy(dist, name, lambda a, out: add("tp_gather_scatter", (t.dtype for t in a[:2] if t.is_floating_point())))
 
 
 def _state_checks(engine) -> dict:
@@ -168,6 +173,7 @@ def test_expert_product_pipeline_and_all_to_all_are_bf16(ranks):
         assert seen[key] == bf16, seen
         assert not seen.get("all_to_all"), seen  # no experts are exchanged without ep
         assert r["ep2"]["seen"]["all_to_all"] == bf16
+        assert r["tp2_sp"]["seen"]["tp_gather_scatter"] == bf16
 
 
 def test_weights_and_grads_are_bf16_master_and_adam_fp32(ranks):

@@ -1,10 +1,13 @@
-"""Every layout trains like one process: pp, ep, tp, dp + ZeRO-1 alone and together (CPU, gloo).
+"""Every layout trains like one process: pp, ep, tp, sp, dp + ZeRO-1 alone and together (CPU, gloo).
 
 For the same seed and data, each layout's first three steps must give the
 single-process loss (and router losses, gradient norm, tokens per expert)
 within 1e-4 relative, the same step-1 gradients within 1e-5 of the largest,
 and the same parameters after 3 steps within 1e-5. Checkpoints saved under one
 layout load under another and step 4 is the single process's step 4.
+At tp > 1 the embedding, the head and the loss are vocabulary-parallel (no rank
+holds whole-vocabulary logits), with sequence parallelism (sp) or without; the
+planner's activation bytes for these layouts are what the ranks saved.
 All of it in float32; bf16 runs are tests/test_bf16.py's.
 
 Processes are the expensive part on 2 shared cores, so there is one spawn per
@@ -43,6 +46,14 @@ LAYOUTS = {
         "ep2_checkpointing": dict(parallel=dict(ep=2, microbatches=2, activation_checkpointing=True)),
         "tp2": dict(parallel=dict(tp=2, microbatches=4)),
         "tp2_dense_gqa": dict(parallel=dict(tp=2, microbatches=4), model=dict(n_experts=1, n_kv_heads=2)),
+        # Sequence parallelism: norms, residual stream and router on 1/tp of the tokens.
+        "tp2_sp": dict(parallel=dict(tp=2, microbatches=4, sequence_parallel=True), save="tp2_sp"),
+        "tp2_sp_dense_gqa": dict(parallel=dict(tp=2, microbatches=4, sequence_parallel=True),
+                                 model=dict(n_experts=1, n_kv_heads=2)),
+        # A tied table split unevenly (321 rows: 161 + 160), recomputed blocks.
+        "tp2_sp_tied_checkpointing": dict(parallel=dict(tp=2, microbatches=4, sequence_parallel=True,
+                                                        activation_checkpointing=True),
+                                          model=dict(tie_embeddings=True, vocab_size=321), save="tp2_sp_tied"),
     },
     4: {
         "pp2_ep2": dict(parallel=dict(pp=2, ep=2, microbatches=2), load="dp2", save="pp2_ep2", nan_drill=True),
@@ -52,10 +63,18 @@ LAYOUTS = {
         "dp4_ep2": dict(parallel=dict(ep=2, microbatches=1), save="dp4_ep2"),
         # 2 KV heads over 4 tensor ranks: each keeps both, uses the one its 2 query heads share.
         "tp4_gqa": dict(parallel=dict(tp=4, microbatches=4), model=dict(n_heads=8, n_kv_heads=2)),
+        "pp2_tp2_sp": dict(parallel=dict(pp=2, tp=2, microbatches=4, sequence_parallel=True), load="tp2_sp"),
+        # Capacity drops decided over the whole sequence although each tensor rank routes its half.
+        "tp2_sp_ep2_capacity": dict(parallel=dict(tp=2, ep=2, microbatches=2, sequence_parallel=True),
+                                    model=dict(capacity_factor=1.0), save="tp2_sp_ep2_capacity"),
     },
     1: {
         "single": dict(parallel=dict(microbatches=4), load="pp2_ep2"),
         "single_from_dp4_ep2": dict(parallel=dict(microbatches=4), load="dp4_ep2"),
+        "single_tied_vocab321": dict(parallel=dict(microbatches=4), model=dict(tie_embeddings=True, vocab_size=321),
+                                     load="tp2_sp_tied"),
+        "single_capacity": dict(parallel=dict(microbatches=4), model=dict(capacity_factor=1.0),
+                                load="tp2_sp_ep2_capacity"),
     },
 }
 WORLD_ORDER = (2, 4, 1)
@@ -94,16 +113,37 @@ def _nan_drill(engine, tokens: torch.Tensor) -> dict:
             "next_loss": after["loss"]}
 
 
+def _whole(engine, grads: bool = False) -> dict:
+    """full_state_dict named as the single process names it: a tied head is the table (checked)."""
+    out = engine.full_state_dict(grads=grads)
+    if engine.model_cfg.tie_embeddings:
+        assert torch.equal(out.pop("output.weight"), out["tok_embeddings.weight"])
+    return out
+
+
+def _head_widths(engine) -> list:
+    """The last dimension of every output the head produced (its logits), recorded by a hook."""
+    widths: list = []
+    for part in engine.model_parts:
+        if part.output is not None:
+            part.output.register_forward_hook(lambda m, args, out: widths.append(out.shape[-1]))
+    return widths
+
+
 def _run_layout(rank: int, world: int, spec: dict, data, ckpt_root: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
     engine = _engine(rank, world, spec)
+    widths = _head_widths(engine)
     outs = [engine.step(_share(engine, data[0]))]
-    grads = engine.full_state_dict(grads=True)
+    grads = _whole(engine, grads=True)
     outs += [engine.step(_share(engine, b)) for b in data[1:3]]
     res = {"outs": outs, "memory": engine.memory_report(), "bubble": engine.bubble_fraction,
-           "n_params": len(engine.named_parameters())}
-    params = engine.full_state_dict()
+           "n_params": len(engine.named_parameters()), "stage": engine.coords.pp, "tp_rank": engine.coords.tp,
+           "logits_widths": sorted(set(widths)),
+           "head_rows": [p.output.weight.shape[0] for p in engine.model_parts if p.output is not None],
+           "buffer_bytes": sum(b.untyped_storage().nbytes() for p in engine.model_parts for b in p.buffers())}
+    params = _whole(engine)
     if rank == 0:
         res.update(params=params, grads=grads)
     if spec.get("save"):
@@ -116,14 +156,14 @@ def _run_layout(rank: int, world: int, spec: dict, data, ckpt_root: Path) -> dic
     if spec.get("reload_full"):  # whole tensors in, this rank's shards taken out of them
         fresh = _engine(rank, world, spec)
         fresh.load_state_dict({f"model.{k}": v for k, v in params.items()}, strict=False)
-        res["reload_full_equal"] = all(torch.equal(v, params[k]) for k, v in fresh.full_state_dict().items())
+        res["reload_full_equal"] = all(torch.equal(v, params[k]) for k, v in _whole(fresh).items())
     if spec.get("load"):  # a fresh engine of this layout, from another layout's step-3 checkpoint
         engine = _engine(rank, world, spec)
         sd = engine.state_dict()
         dcp.load(sd, checkpoint_id=str(ckpt_root / spec["load"]))
         engine.load_state_dict(sd)
         resumed = {"outs": [engine.step(_share(engine, data[3]))]}
-        params = engine.full_state_dict()
+        params = _whole(engine)
         if rank == 0:
             resumed["params"] = params
         res["resumed"] = resumed
@@ -205,7 +245,9 @@ def test_layout_matches_single_process(name, run_layout, reference):
 
 
 @pytest.mark.parametrize("name,source", [("pp2_ep2", "dp2_zero1"), ("pp2_tp2", "dp2_zero1"),
-                                         ("single", "pp2_ep2"), ("single_from_dp4_ep2", "dp4_ep2")])
+                                         ("single", "pp2_ep2"), ("single_from_dp4_ep2", "dp4_ep2"),
+                                         ("pp2_tp2_sp", "tp2_sp"), ("single_tied_vocab321", "tp2_sp_tied_checkpointing"),
+                                         ("single_capacity", "tp2_sp_ep2_capacity")])
 def test_checkpoint_loads_across_layouts(name, source, run_layout, reference):
     """Saved after step 3 under `source`, loaded by a fresh engine of `name`: its step 4 is the
     single process's step 4 (weights and AdamW state both moved across the layouts)."""
@@ -247,3 +289,57 @@ def test_memory_report_and_bubble(run_layout):
     assert all(z < full for z in zero) and abs(sum(zero) - full) < 0.01 * full
     assert run_layout("pp2_checkpointing")[0]["memory"]["activations_peak"] < \
         run_layout("pp2")[0]["memory"]["activations_peak"]
+
+
+TENSOR_PARALLEL = [name for name in EQUIVALENT if LAYOUTS[WORLD_OF[name]][name]["parallel"].get("tp", 1) > 1]
+
+
+@pytest.mark.parametrize("name", TENSOR_PARALLEL)
+def test_no_rank_holds_whole_vocabulary_logits(name, run_layout):
+    """The head is split over the vocabulary as torch.chunk splits it: every rank with the head
+    produced logits of its own rows only, and the rows of the tensor ranks add up to the vocabulary."""
+    spec = LAYOUTS[WORLD_OF[name]][name]
+    vocab, tp = tiny_config(**spec.get("model", {})).vocab_size, spec["parallel"]["tp"]
+    heads = [r for r in run_layout(name) if r["head_rows"]]
+    assert heads and len(heads) % tp == 0
+    rows = {r["tp_rank"]: r["head_rows"][0] for r in heads}
+    assert sum(rows.values()) == vocab and rows[0] == -(-vocab // tp)
+    for r in heads:
+        assert r["logits_widths"] == [rows[r["tp_rank"]]], (name, r["logits_widths"])
+
+
+# Layouts whose routing is the same on every rank (no ep: a rank's expert rows do not depend on the
+# router's balance), so the planner's per-token count is exact.
+PLANNED = ["tp2", "tp2_dense_gqa", "tp2_sp", "tp2_sp_dense_gqa", "tp2_sp_tied_checkpointing", "pp2_tp2",
+           "pp2_tp2_sp", "tp4_gqa"]
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_planner_counts_the_activations_each_rank_saved(name, run_layout):
+    """moray plan's activation bytes for the rank's stage against the saved-tensor peak of its first
+    steps. The meter also sees the rotary tables (buffers, saved by attention), which the planner
+    leaves out, and a few bytes per layer that do not grow with tokens: within 0.2% once the tables
+    are taken off. Checkpointing's recomputed block is invisible to the CPU meter (see memory.py)."""
+    from moray.parallel import ParallelConfig, ParallelDims
+    from moray.platform.planner.memory import estimate_memory
+
+    spec = LAYOUTS[WORLD_OF[name]][name]
+    pcfg = ParallelConfig(**spec["parallel"])
+    dp = ParallelDims.from_config(pcfg, WORLD_OF[name]).dp
+    for r in run_layout(name):
+        est = estimate_memory(tiny_config(**spec.get("model", {})), pcfg, dp=dp, stage=r["stage"],
+                              micro_batch_size=GLOBAL_BATCH // dp // pcfg.num_microbatches, seq_len=SEQ_LEN,
+                              dtype="float32")
+        planned = est.activations_bytes - est.recompute_bytes
+        measured = r["memory"]["activations_peak"] - r["buffer_bytes"]
+        assert abs(measured / planned - 1) < 2e-3, (name, r["stage"], measured, planned)
+        # The planner holds the fullest rank: tensor rank 0 has the most vocabulary rows.
+        weights = r["memory"]["params"]
+        assert weights == est.weights_bytes if r["tp_rank"] == 0 else weights <= est.weights_bytes, (name, weights)
+
+
+def test_sequence_parallelism_saves_activations(run_layout):
+    """Same model and batch: the norms, residual stream and routing on half the tokens."""
+    plain = max(r["memory"]["activations_peak"] for r in run_layout("tp2"))
+    sp = max(r["memory"]["activations_peak"] for r in run_layout("tp2_sp"))
+    assert sp < 0.85 * plain, (sp, plain)

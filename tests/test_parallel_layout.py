@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dist_utils import tiny_config
 from moray.parallel import LayoutError, ParallelConfig, ParallelDims
 from moray.parallel.engine import check_schedule
-from moray.parallel.pipeline import bubble_fraction, layer_cost, partition_layers, stage_ids
+from moray.parallel.pipeline import bubble_fraction, head_cost, layer_cost, partition_layers, stage_ids
+from moray.parallel.vocab_parallel import vocab_range
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("dims,needle", [
@@ -91,3 +96,59 @@ def test_engine_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         TrainEngine(tiny_config(), ParallelConfig(), ParallelDims(1), rank=0, device="cpu")
+
+
+def test_vocabulary_rows_follow_torch_chunk():
+    """Rank r starts at r * ceil(V / tp): even splits, and uneven ones (the seed's 100,277 rows
+    over 8 ranks) where the last rank holds fewer, as DTensor's Shard(0) places them."""
+    import torch
+
+    for vocab, tp in ((320, 2), (321, 2), (100_277, 8), (10, 4)):
+        ranges = [vocab_range(vocab, r, tp) for r in range(tp)]
+        sizes = [len(c) for c in torch.arange(vocab).chunk(tp)]
+        assert [e - s for s, e in ranges] == sizes and ranges[0][0] == 0 and ranges[-1][1] == vocab
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(tp - 1))
+    assert vocab_range(100_277, 7, 8) == (87_745, 100_277)  # 12,532 rows; the others 12,535
+
+
+def test_a_tensor_rank_without_vocabulary_rows_is_refused():
+    with pytest.raises(LayoutError, match="leaves the last tensor rank no vocabulary rows"):
+        ParallelDims(4, tp=4).validate(tiny_config(vocab_size=9))  # chunks of 3: 3, 3, 3, 0
+    ParallelDims(4, tp=4).validate(tiny_config(vocab_size=10))  # 3, 3, 3, 1
+
+
+def test_balancer_costs_one_tensor_rank_with_the_head_at_its_vocabulary_share():
+    """The seed's layout, tp 8 x pp 15 (120 layers, 8 per stage): on one tensor rank the last
+    stage's head costs 0.61 of a block, so it runs 1.08x the middle stages; a head whole on every
+    tensor rank (what the trainer had before the head was vocabulary-parallel) cost 4.9 blocks
+    there, 1.61x the middle stages."""
+    from moray.platform.config import load_config
+
+    cfg = load_config(CONFIGS / "gpt4.yaml").model
+    tp, pp = 8, 15
+    block = layer_cost(cfg, cfg.max_seq_len, tp, sequence_parallel=True)
+    ranges = partition_layers(cfg, pp, tp=tp, sequence_parallel=True)
+    assert [len(r) for r in ranges] == [8] * 15
+
+    def last_over_middle(head: float) -> float:
+        return (len(ranges[-1]) * block + head) / (len(ranges[7]) * block)
+
+    assert last_over_middle(head_cost(cfg, tp)) == pytest.approx(1.077, abs=1e-3)
+    assert last_over_middle(head_cost(cfg, 1)) == pytest.approx(1.612, abs=1e-3)
+    # A block's cost on one rank is not a tp-th of the whole: MQA's K/V head runs on every rank.
+    assert layer_cost(cfg, 8192, tp) > layer_cost(cfg, 8192) / tp
+    # Serving's call (tp 1: its head is whole) keeps the old split.
+    assert partition_layers(cfg, pp) == [range(8 * s, 8 * s + 8) for s in range(pp)]
+
+
+def test_sequence_parallel_needs_seq_len_a_multiple_of_tp():
+    from moray.platform.config import ConfigError, load_config
+
+    base = ["parallel.tp=2", "parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2",
+            "parallel.sequence_parallel=true"]
+    load_config(CONFIGS / "tiny.yaml", base + ["train.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"train.seq_len \(127\) is not a multiple of 2"):
+        load_config(CONFIGS / "tiny.yaml", base + ["train.seq_len=127"])
+    load_config(CONFIGS / "tiny.yaml", base[:-1] + ["train.seq_len=127"])  # without it, any length runs
+    with pytest.raises(ConfigError, match="parallel.sequence_paralel: unknown key"):
+        load_config(CONFIGS / "tiny.yaml", ["parallel.sequence_paralel=true"])

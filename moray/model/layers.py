@@ -125,7 +125,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, T, D). Without input_pos, cos/sin are tables from position 0 (at least T rows) and
+        the sequence is x's own: a block that holds a slice of the sequence between attentions
+        (sequence parallelism) hands attention the gathered whole and the positions follow."""
         B, T, _ = x.shape
+        if input_pos is None:
+            cos, sin = cos[:T], sin[:T]  # (T, hd)
         # Head counts come from the weights, not the config, so a tensor-parallel
         # shard (fewer local heads) runs this same code.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)

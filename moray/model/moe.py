@@ -220,18 +220,14 @@ class MoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
 
-        # The router losses train the router; serving (inference mode) has no use for them.
-        serving = torch.is_inference_mode_enabled()
-        balance = None if serving else load_balancing_loss(probs, expert_ids, self.n_experts)
-        z_loss = None if serving else torch.logsumexp(logits, dim=-1).pow(2).mean()
-        tokens_per_expert = count_per_expert(expert_ids, self.n_experts)
+        objective, stats = self.router_terms(logits, probs, expert_ids)
 
         # Assignment slots: slot s = token s // k, its (s % k)-th choice.
         flat_experts = expert_ids.reshape(-1)  # (N*k,)
         slots = torch.arange(N * self.top_k, device=x.device)
-        cap = self.capacity(N)
-        if cap is not None:
-            keep = capacity_keep_mask(expert_ids, self.n_experts, cap).reshape(-1)
+        keep = self.keep_mask(expert_ids, shape[:-1])
+        if keep is not None:
+            keep = keep.reshape(-1)
             slots, flat_experts = slots[keep], flat_experts[keep]
 
         order = torch.argsort(flat_experts, stable=True)  # (A,) sorted by expert, token order within
@@ -240,21 +236,39 @@ class MoE(nn.Module):
         routed = self.experts(xf[sorted_slots // self.top_k], counts)  # (A, D)
         # Back to slot order, (N, k, D), zeros for dropped slots: a copy to unique rows (its backward
         # a gather), not an atomic scatter-add, so the combine is deterministic on CUDA.
-        base = routed.new_zeros if cap is not None else routed.new_empty
+        base = routed.new_zeros if keep is not None else routed.new_empty
         by_slot = base(N * self.top_k, routed.shape[-1]).index_copy(0, sorted_slots, routed)
         out = (by_slot.view(N, self.top_k, -1) * weights.unsqueeze(-1).to(routed.dtype)).sum(1).to(xf.dtype)
 
-        if torch.is_grad_enabled() and logits.requires_grad:
-            aux = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
-            out = _AuxLossGrad.apply(out, aux, self.aux_grad_scale)
-        self.last_stats = {
-            "load_balancing_loss": balance.detach() if balance is not None else None,
-            "z_loss": z_loss.detach() if z_loss is not None else None,
-            "tokens_per_expert": tokens_per_expert.detach(),
-            # A host number: N*k without capacity; with it, the boolean indexing above already synced.
-            "dropped": torch.tensor(N * self.top_k - flat_experts.numel()),
-        }
+        if objective is not None and torch.is_grad_enabled() and logits.requires_grad:
+            out = _AuxLossGrad.apply(out, objective, self.aux_grad_scale)
+        # "dropped" is a host number: N*k without capacity; with it, the boolean indexing above already synced.
+        # "expert_ids" (N, k): a fixed-shape replay pads the batch and counts only its real rows.
+        self.last_stats = {**stats, "dropped": torch.tensor(N * self.top_k - flat_experts.numel()),
+                           "expert_ids": expert_ids.detach()}
         return out.view(shape)
+
+    def router_terms(self, logits: torch.Tensor, probs: torch.Tensor, expert_ids: torch.Tensor):
+        """(objective, stats): what the router losses add to the objective (None: nothing) and
+        what is logged (load_balancing_loss, z_loss, tokens_per_expert, detached). Here both are
+        over this call's N tokens. A layer that sees only part of a batch's tokens (sequence
+        parallelism) overrides it: it must log the whole batch's values and put in the objective
+        only its share, so that the shares add up to the whole."""
+        tokens_per_expert = count_per_expert(expert_ids, self.n_experts)
+        if torch.is_inference_mode_enabled():  # serving has no use for the router losses
+            return None, {"load_balancing_loss": None, "z_loss": None, "tokens_per_expert": tokens_per_expert}
+        balance = load_balancing_loss(probs, expert_ids, self.n_experts)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        objective = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
+        return objective, {"load_balancing_loss": balance.detach(), "z_loss": z_loss.detach(),
+                           "tokens_per_expert": tokens_per_expert}
+
+    def keep_mask(self, expert_ids: torch.Tensor, batch_shape) -> Optional[torch.Tensor]:
+        """bool (N, k): the assignments within capacity, or None when dropless. batch_shape is the
+        input's shape without D (its tokens, N in all), for an override that must place them in a
+        larger batch (sequence parallelism: capacity and priority are the whole sequence's)."""
+        cap = self.capacity(expert_ids.shape[0])
+        return None if cap is None else capacity_keep_mask(expert_ids, self.n_experts, cap)
 
 
 def set_aux_grad_scale(model: nn.Module, scale: float) -> None:

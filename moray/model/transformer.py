@@ -75,9 +75,8 @@ class Transformer(nn.Module):
         without the output head returns hidden states.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        T = h.shape[1]
-        if input_pos is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if input_pos is None:  # the whole tables: attention takes positions 0..T-1 of the sequence it sees
+            cos, sin = self.rope_cos, self.rope_sin
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for layer in self.layers.values():

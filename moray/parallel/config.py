@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor parallel: shards attention heads and expert FFN columns; keep within a node
+    tp: int = 1  # tensor parallel: shards attention heads, expert FFN columns and the vocabulary; keep within a node
     pp: int = 1  # pipeline stages; layers are split into pp balanced ranges
     ep: int = 1  # expert parallel: each rank holds n_experts / ep experts; carved out of dp (ep divides dp)
     dp: Optional[int] = None  # data parallel; None = world_size / (tp * pp)
@@ -21,6 +21,9 @@ class ParallelConfig:
     virtual_stages: int = 2  # stages per rank, only for interleaved_1f1b
     zero: Literal[0, 1] = 1  # 1 = ZeRO-1: AdamW state sharded over dp (experts: over the dp / ep copies)
     activation_checkpointing: bool = False  # recompute each block in backward
+    # Megatron's sequence parallelism: between the tensor-parallel regions each tensor rank keeps 1/tp
+    # of the sequence (norms, residual stream, router); needs seq_len a multiple of tp; no effect at tp 1
+    sequence_parallel: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}
 

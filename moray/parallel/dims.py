@@ -127,6 +127,10 @@ class ParallelDims:
                 why.append(f"n_kv_heads {cfg.n_kv_heads} (or be a multiple of it)")
             if why:
                 problems.append(f"tp {self.tp} must divide {', '.join(why)}; tp in {fit} fits this model")
+            rows = -(-cfg.vocab_size // self.tp)  # vocabulary rows per tensor rank, split as torch.chunk does
+            if (self.tp - 1) * rows >= cfg.vocab_size:
+                problems.append(f"tp {self.tp} leaves the last tensor rank no vocabulary rows (vocab_size "
+                                f"{cfg.vocab_size} in chunks of {rows}); use a smaller tp or a larger vocabulary")
         return problems
 
     @staticmethod

@@ -8,7 +8,9 @@ Building (torchtitan's order, each step an apply_* from outside the model):
 the whole Transformer on the meta device -> cut to this rank's pipeline
 stage(s) -> keep this rank's experts (EP) -> materialise and init_weights (keyed
 by name and global expert id, so every part gets the whole model's values) ->
-split heads and FFN columns (TP) -> cast to the compute dtype -> activation
+split heads and FFN columns (TP, with sequence parallelism when configured) ->
+split the embedding, the head and the loss over the vocabulary (at tp > 1,
+always: vocab_parallel.py) -> cast to the compute dtype -> activation
 checkpointing -> optimizer (data parallel, ZeRO-1).
 
 dtype "bfloat16" is bf16 end to end: weights, activations, what crosses the
@@ -48,6 +50,7 @@ from moray.parallel.pipeline import (PipelineRunner, bubble_fraction, keep_stage
                                      virtual_stages_of)
 from moray.parallel.sharding import full_tensor, local_view, param_specs, to_dtensor
 from moray.parallel.tensor_parallel import apply_tp
+from moray.parallel.vocab_parallel import apply_vocab_parallel, vocab_parallel_cross_entropy, vocab_range
 from moray.parallel.zero import DataParallelOptimizer
 
 OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")  # "master": bf16 runs only
@@ -74,7 +77,8 @@ def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims
     c = dims.coords(rank)
     virtual = virtual_stages_of(parallel_cfg) if dims.pp > 1 else 1
     n_stages = dims.pp * virtual
-    ranges = partition_layers(model_cfg, n_stages)
+    sp = sequence_parallel_of(parallel_cfg, dims)
+    ranges = partition_layers(model_cfg, n_stages, tp=dims.tp, sequence_parallel=sp)
     parts = []
     for sid in stage_ids(c.pp, dims.pp, virtual):
         with torch.device("meta"):
@@ -85,13 +89,20 @@ def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims
         if hasattr(part, "tie_weights"):
             part.tie_weights()
         part.init_weights(seed)
-        apply_tp(part, meshes.group("tp"), c.tp, dims.tp)
+        apply_tp(part, meshes.group("tp"), c.tp, dims.tp, sequence_parallel=sp)
+        apply_vocab_parallel(part, meshes.group("tp"), c.tp, dims.tp, sequence_parallel=sp)
         part.to(dtype)
         if parallel_cfg.activation_checkpointing:
             apply_activation_checkpointing(part)
         part.stage_index = sid
         parts.append(part)
     return parts
+
+
+def sequence_parallel_of(parallel_cfg: ParallelConfig, dims: ParallelDims) -> bool:
+    """Sequence parallelism is on when asked for and there are tensor ranks to split over (at tp 1
+    the flag changes nothing)."""
+    return bool(parallel_cfg.sequence_parallel) and dims.tp > 1
 
 
 def _in_backward() -> bool:
@@ -161,6 +172,9 @@ class TrainEngine:
         self.dtype = dtype
         self.compute_dtype = DTYPES[dtype]
         self.num_microbatches = p.num_microbatches
+        self.sequence_parallel = sequence_parallel_of(p, dims)
+        # This rank's vocabulary rows of the head and the loss (vocab_parallel.py); None at tp 1.
+        self.vocab_rows = vocab_range(model_cfg.vocab_size, self.coords.tp, dims.tp) if dims.tp > 1 else None
         self.meshes = dims.build_mesh(self.device.type)
         self.model_parts = build_model_parts(model_cfg, p, dims, rank, self.meshes, self.device, seed,
                                              self.compute_dtype)
@@ -175,14 +189,21 @@ class TrainEngine:
         self.measured_bubble_fraction: Optional[float] = None
         self._pipeline = None
         if dims.pp > 1:
+            head_rows = None if self.vocab_rows is None else self.vocab_rows[1] - self.vocab_rows[0]
             self._pipeline = PipelineRunner(self.model_parts, model_cfg, p, dims.pp, self.meshes.group("pp"),
-                                            self.device, self.compute_dtype, self._loss_fn)
+                                            self.device, self.compute_dtype, self._loss_fn,
+                                            seq_shards=dims.tp if self.sequence_parallel else 1, vocab_rows=head_rows)
         self._grad_bytes = self._activation_peak = 0
         self._bubble_local = 0.0
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One microbatch's mean next-token cross-entropy, scaled by 1 / microbatches."""
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        """One microbatch's mean next-token cross-entropy, scaled by 1 / microbatches. At tp > 1 the
+        logits are this rank's vocabulary rows (B, T, Vr) and the loss is the same on every tensor rank."""
+        if self.vocab_rows is None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        else:
+            loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.vocab_rows[0],
+                                                self.meshes.group("tp")).mean()
         return loss / self.num_microbatches
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> List[torch.Tensor]:
@@ -215,6 +236,10 @@ class TrainEngine:
         if tokens.dim() != 2 or tokens.shape[0] % m:
             raise ValueError(f"tokens {tuple(tokens.shape)}: need (local_batch, seq_len + 1) with local_batch a "
                              f"multiple of parallel.microbatches = {m}")
+        if self.sequence_parallel and (tokens.shape[1] - 1) % self.dims.tp:
+            raise ValueError(f"sequence parallelism splits each sequence over tp = {self.dims.tp} ranks, but "
+                             f"seq_len {tokens.shape[1] - 1} is not a multiple of {self.dims.tp}; use a multiple "
+                             f"or parallel.sequence_parallel=false")
         tokens = tokens.to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         self.optimizer.zero_grad()

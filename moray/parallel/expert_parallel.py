@@ -17,6 +17,23 @@ experts held here, R = rows received from the group, D = d_model.
 The all-to-alls (collectives.py) are autograd functions whose backward is the reverse exchange.
 The same module is the tensor-parallel expert shard (F split over tp); it is a
 GroupedExperts with the same parameter names (w1, w2, w3), so FQNs do not change.
+
+Under tensor parallelism without sequence parallelism every tensor rank routes
+the same tokens, exchanges the same rows over its ep group, and runs its F
+columns on them (copy_to_tp / reduce_from_tp around the product). Under
+sequence parallelism each tensor rank routes only its own tokens, so:
+
+  1-2. the all-to-all over ep carries only this rank's rows (1/tp of them);
+  3.   the rows received by the tp group are gathered over tp (gather_rows),
+       regrouped by local expert, and every tensor rank runs its F columns on
+       all of them: partial sums of the expert outputs;
+  4.   a reduce-scatter over tp (reduce_scatter_rows) sums the partials and hands
+       each tensor rank the rows it received, which go home by all-to-all.
+
+So experts combine with SP x TP as Megatron-Core's expert-tensor-parallel
+layout does with ETP = TP: expert weights split over tp along F, tokens routed
+where they live, the exchange over ep 1/tp of the non-SP one, and the gather /
+reduce-scatter over tp moving what the all-reduce moved.
 """
 
 from __future__ import annotations
@@ -26,7 +43,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moray.model.moe import GroupedExperts, MoE
-from moray.parallel.collectives import all_to_all, copy_to_tp, reduce_from_tp
+from moray.parallel.collectives import (all_gather_flat, all_to_all, copy_to_tp, gather_rows, reduce_from_tp,
+                                       reduce_scatter_rows)
 from moray.parallel.sharding import tag
 
 
@@ -37,9 +55,11 @@ class ParallelExperts(GroupedExperts):
         nn.Module.__init__(self)
         self.mlp = experts.mlp
         self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
+        self.w13 = getattr(experts, "w13", None)  # serving's fused gate/up view (see GroupedExperts)
         self.expert_offset = experts.expert_offset
         self.ep_group, self.ep_size = None, 1
-        self.tp_group, self.tp_size = None, 1
+        self.tp_group, self.tp_size, self.tp_rank = None, 1, 0
+        self.sequence_parallel = False  # tensor ranks route different tokens (see the module doc)
 
     def shard_experts(self, group, rank: int, size: int) -> None:
         """Keep experts [rank * El, (rank + 1) * El). Works on the meta device (before init)."""
@@ -51,7 +71,7 @@ class ParallelExperts(GroupedExperts):
         self.expert_offset += rank * n_local
         self.ep_group, self.ep_size = group, size
 
-    def shard_ffn(self, group, rank: int, size: int) -> None:
+    def shard_ffn(self, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
         """Keep this rank's F columns: w1, w3 (E, D, F) along dim 2; w2 (E, F, D) along dim 1."""
         for name, dim in (("w1", 2), ("w2", 1), ("w3", 2)):
             w = getattr(self, name)
@@ -60,32 +80,51 @@ class ParallelExperts(GroupedExperts):
             n = w.shape[dim] // size
             setattr(self, name, nn.Parameter(w.detach().narrow(dim, rank * n, n).clone()))
             tag(self, name, tp_dim=dim)
-        self.tp_group, self.tp_size = group, size
+        self.tp_group, self.tp_size, self.tp_rank = group, size, rank
+        self.sequence_parallel = sequence_parallel and size > 1
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (A, D) sorted by global expert, counts (E,) -> (A, D) in the same order."""
         if self.ep_size == 1:
-            return self._local(x, counts)
+            return self._tensor_parallel(x, counts.view(1, -1))
         el, ep = self.num_local_experts, self.ep_size
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
         recv_counts = recv_counts.view(ep, el)  # [peer, local expert]
         in_splits, out_splits = torch.stack([counts.view(ep, el).sum(1), recv_counts.sum(1)]).tolist()  # one sync
         received = all_to_all(x, out_splits, in_splits, self.ep_group)  # (R, D) by peer, then expert
+        y = self._tensor_parallel(received, recv_counts)
+        return all_to_all(y, in_splits, out_splits, self.ep_group)
 
-        # Regroup by local expert (stable: peer order within an expert).
-        expert_of_row = torch.repeat_interleave(torch.arange(el, device=x.device).repeat(ep),
-                                                recv_counts.reshape(-1), output_size=sum(out_splits))
+    def _tensor_parallel(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (R, D) grouped by source, then local expert; counts (sources, El) -> (R, D), same order.
+        Without sequence parallelism every tensor rank has the same x; with it, each has its own,
+        and the tp group's rows are gathered, run, and reduce-scattered back."""
+        if not self.sequence_parallel:
+            if self.tp_size > 1:
+                x = copy_to_tp(x, self.tp_group)
+            y = self._by_expert(x, counts)
+            return reduce_from_tp(y, self.tp_group) if self.tp_size > 1 else y
+        all_counts = counts.new_empty((self.tp_size * counts.shape[0], counts.shape[1]))
+        all_gather_flat(all_counts, counts, self.tp_group)  # (tp * sources, El)
+        sizes = all_counts.view(self.tp_size, -1).sum(1).tolist()  # rows per tensor rank: one host sync
+        rows = gather_rows(x, sizes, self.tp_rank, self.tp_group)  # (sum(sizes), D) by tp rank, source, expert
+        y = self._by_expert(rows, all_counts)  # partial sums over this rank's F columns
+        return reduce_scatter_rows(y, sizes, self.tp_rank, self.tp_group)
+
+    def _by_expert(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (R, D) grouped by source, then local expert; counts (sources, El): regroup by expert
+        (stable: source order within an expert), run the grouped product, restore the order."""
+        if counts.shape[0] == 1:  # one source: already grouped by expert
+            return super().forward(x, counts[0])
+        el = counts.shape[1]
+        expert_of_row = torch.repeat_interleave(torch.arange(el, device=x.device).repeat(counts.shape[0]),
+                                                counts.reshape(-1), output_size=x.shape[0])
         order = torch.argsort(expert_of_row, stable=True)
-        y = self._local(received[order], recv_counts.sum(0))
+        y = super().forward(x[order], counts.sum(0))
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(y[restore], in_splits, out_splits, self.ep_group)
-
-    def _local(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return super().forward(x, counts)
-        return reduce_from_tp(super().forward(copy_to_tp(x, self.tp_group), counts), self.tp_group)
+        return y[restore]
 
 
 def as_parallel_experts(moe: MoE) -> ParallelExperts:

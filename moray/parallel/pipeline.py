@@ -6,9 +6,14 @@ stage keeps the embedding and takes token ids, the last keeps the final norm and
 the head and returns logits, the others take and return hidden states.
 
 Stages are balanced by cost (least sum of squared stage costs) in forward FLOPs
-per token: a block costs its projections, attention scores (at max_seq_len) and
-the top_k experts it runs; the head costs its D x V product, and the embedding
-is counted like the head (its D x V gradient and optimizer update are as large).
+per token on one tensor rank: a block costs its share of the projections, of the
+attention scores (at max_seq_len) and of the top_k experts it runs, plus what tp
+does not split (MQA's K/V head, which every rank computes; the router, unless
+sequence parallelism splits its tokens); the head costs its share of the D x V
+product (vocabulary-parallel: ceil(V / tp) rows), and the embedding is counted
+like the head (its gradient and optimizer update are as large). With the head
+whole on every tensor rank the last stage would be tp times heavier than this
+split assumes; vocab_parallel.py is why it is not.
 Schedules: 1F1B (default), GPipe, and interleaved 1F1B with `virtual_stages`
 stages per rank (rank r holds stages r, r + pp, r + 2 pp, ...). Gradients are
 not rescaled by the schedule: the loss is already divided by the microbatches.
@@ -28,29 +33,34 @@ from moray.parallel.config import ParallelConfig
 # ---------------------------------------------------------------- balancing
 
 
-def layer_cost(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one block."""
+def layer_cost(cfg: ModelConfig, seq_len: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Forward FLOPs per token of one block on one of tp tensor ranks."""
     d, hd = cfg.d_model, cfg.head_dim
-    proj = 2 * d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 2 * cfg.n_heads * hd * d
-    scores = 2 * cfg.n_heads * hd * seq_len  # QK^T and AV over a causal half of seq_len
-    ffn = (3 if cfg.mlp == "swiglu" else 2) * 2 * d * cfg.ffn_hidden * cfg.active_experts
-    router = 2 * d * cfg.n_experts if cfg.is_moe else 0
+    heads = cfg.n_heads / tp
+    kv = cfg.n_kv_heads / tp if cfg.n_kv_heads % tp == 0 else 1  # fewer KV heads than ranks: one each
+    proj = 2 * d * (heads + 2 * kv) * hd + 2 * heads * hd * d
+    scores = 2 * heads * hd * seq_len  # QK^T and AV over a causal half of seq_len
+    ffn = (3 if cfg.mlp == "swiglu" else 2) * 2 * d * cfg.ffn_hidden * cfg.active_experts / tp
+    router = 2 * d * cfg.n_experts / (tp if sequence_parallel else 1) if cfg.is_moe else 0
     return float(proj + scores + ffn + router)
 
 
-def head_cost(cfg: ModelConfig) -> float:
-    return float(2 * cfg.d_model * cfg.vocab_size)
+def head_cost(cfg: ModelConfig, tp: int = 1) -> float:
+    """The head's (or the embedding's) D x V on the tensor rank with the most vocabulary rows."""
+    return float(2 * cfg.d_model * -(-cfg.vocab_size // tp))
 
 
-def partition_layers(cfg: ModelConfig, num_stages: int, seq_len: int | None = None) -> List[range]:
+def partition_layers(cfg: ModelConfig, num_stages: int, seq_len: int | None = None, tp: int = 1,
+                     sequence_parallel: bool = False) -> List[range]:
     """Contiguous layer ranges, one per stage, as even in cost as possible (least sum of squared
-    stage costs; stage 0 also pays for the embedding, the last stage for the head)."""
+    stage costs; stage 0 also pays for the embedding, the last stage for the head), costed on one
+    of tp tensor ranks: tp 1 for a head whole on every rank (serving), the training tp otherwise."""
     n = cfg.n_layers
     if not 1 <= num_stages <= n:
         raise ValueError(f"{num_stages} pipeline stages for {n} layers: every stage needs a layer; "
                          f"use 1..{n} stages")
-    c = layer_cost(cfg, seq_len or cfg.max_seq_len)
-    edge = head_cost(cfg)
+    c = layer_cost(cfg, seq_len or cfg.max_seq_len, tp, sequence_parallel)
+    edge = head_cost(cfg, tp)
 
     def cost(s: int, i: int, j: int) -> float:  # stage s holding layers [i, j)
         return (j - i) * c + (edge if s == 0 else 0.0) + (edge if s == num_stages - 1 else 0.0)
@@ -159,9 +169,13 @@ class PipelineRunner:
     and the logits are in `dtype`, the model's: bf16 runs send bf16."""
 
     def __init__(self, parts: Sequence, cfg: ModelConfig, parallel_cfg: ParallelConfig, pp: int, group,
-                 device: torch.device, dtype: torch.dtype, loss_fn: Callable):
+                 device: torch.device, dtype: torch.dtype, loss_fn: Callable, seq_shards: int = 1,
+                 vocab_rows: int | None = None):
+        """seq_shards: stages exchange (B, T / seq_shards, D) (sequence parallelism: tp);
+        vocab_rows: the width of this rank's logits (vocabulary parallelism), None = vocab_size."""
         self.parts, self.cfg, self.parallel_cfg, self.pp, self.group = parts, cfg, parallel_cfg, pp, group
         self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
+        self.seq_shards, self.vocab_rows = seq_shards, vocab_rows or cfg.vocab_size
         self.n_stages = pp * len(parts)
         self.has_first = any(part.stage_index == 0 for part in parts)
         self.has_last = any(part.stage_index == self.n_stages - 1 for part in parts)
@@ -174,14 +188,15 @@ class PipelineRunner:
         stages = []
         for part in self.parts:
             sid = part.stage_index
+            between = (microbatch, seq_len // self.seq_shards, self.cfg.d_model)
             if sid == 0:
                 example_in = torch.zeros(microbatch, seq_len, dtype=torch.long, device=self.device)
             else:
-                example_in = torch.empty(microbatch, seq_len, self.cfg.d_model, **hidden)
+                example_in = torch.empty(between, **hidden)
             if sid == self.n_stages - 1:
-                example_out = torch.empty(microbatch, seq_len, self.cfg.vocab_size, **hidden)
+                example_out = torch.empty(microbatch, seq_len, self.vocab_rows, **hidden)
             else:
-                example_out = torch.empty(microbatch, seq_len, self.cfg.d_model, **hidden)
+                example_out = torch.empty(between, **hidden)
             stage = stage_cls(part, sid, self.n_stages, self.device, input_args=example_in,
                               output_args=example_out, group=self.group)
             stage.clock = self._clock

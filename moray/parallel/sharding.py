@@ -14,7 +14,9 @@ parameter, which everything else uses:
 Placements: stacked experts are Shard(0) on the expert mesh's "ep" dim (and
 Shard(F dim) on "tp" under tensor parallelism); tensor-parallel shards are
 Shard(dim) on the world mesh's "tp"; everything else is a plain tensor, whole on
-every rank that holds it (DCP keeps one copy).
+every rank that holds it (DCP keeps one copy). A tp split may be uneven (the
+vocabulary: 100,277 rows over 8 ranks): it follows torch.chunk, as DTensor's
+Shard does, so rank r starts at r * ceil(n / tp) and the last ranks hold fewer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from moray.parallel.dims import Coords, Meshes, ParallelDims
 @dataclass(frozen=True)
 class ShardTag:
     tp_dim: Optional[int] = None  # split over the tp group along this dim
+    tp_full: Optional[int] = None  # the whole size along tp_dim when the split is uneven (None: local x tp)
     tp_partial: bool = False  # whole on every tensor rank, gradient a partial sum over tp
 
 
@@ -72,7 +75,7 @@ def param_specs(modules: Iterable[nn.Module], dims: ParallelDims) -> Dict[str, T
                 if expert:
                     shape[0] *= dims.ep
                 if t.tp_dim is not None:
-                    shape[t.tp_dim] *= dims.tp
+                    shape[t.tp_dim] = t.tp_full if t.tp_full is not None else shape[t.tp_dim] * dims.tp
                 out[fqn] = (p, ParamSpec(tuple(p.shape), tuple(shape), expert, t.tp_dim, t.tp_partial))
     return out
 
@@ -97,7 +100,15 @@ def to_dtensor(t: torch.Tensor, spec: ParamSpec, meshes: Meshes) -> torch.Tensor
     from torch.distributed.tensor import DTensor
 
     mesh, placements = _mesh_and_placements(spec, meshes)
-    return DTensor.from_local(t, mesh, placements, run_check=False)
+    # The global shape is given, not inferred: from_local would take local x ranks, wrong for an uneven split.
+    stride = torch.empty(spec.global_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(spec.global_shape),
+                              stride=stride)
+
+
+def chunk_start(full: int, size: int, rank: int) -> int:
+    """Where rank's piece of `full` starts when split in `size` as torch.chunk (and DTensor) split."""
+    return min(full, rank * -(-full // size))
 
 
 def local_view(full: torch.Tensor, spec: ParamSpec, dims: ParallelDims, coords: Coords) -> torch.Tensor:
@@ -107,8 +118,8 @@ def local_view(full: torch.Tensor, spec: ParamSpec, dims: ParallelDims, coords: 
         n = spec.local_shape[0]
         out = out.narrow(0, coords.ep * n, n)
     if spec.tp_dim is not None and dims.tp > 1:
-        n = spec.local_shape[spec.tp_dim]
-        out = out.narrow(spec.tp_dim, coords.tp * n, n)
+        start = chunk_start(spec.global_shape[spec.tp_dim], dims.tp, coords.tp)
+        out = out.narrow(spec.tp_dim, start, spec.local_shape[spec.tp_dim])
     return out
 
 

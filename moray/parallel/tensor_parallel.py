@@ -18,6 +18,18 @@ whole K/V projection and uses the heads its query heads need, as Megatron
 does; those weights are replicated, so their gradients are partial sums that
 the optimizer side adds over tp (`ShardTag.tp_partial`).
 
+Sequence parallelism (`sequence_parallel=True`, Korthikanti et al. 2022): between
+the TP regions the residual stream, the norms and the router hold only this
+rank's 1/tp of the sequence, (B, T / tp, D); a region starts with gather_seq
+(all-gather; backward reduce-scatter) and ends with reduce_scatter_seq
+(reduce-scatter; backward all-gather) in place of copy_to_tp / reduce_from_tp.
+The norms' and the router's weights then see only their rank's tokens, so their
+gradients are partial sums over tp (`tp_partial`, summed by the optimizer side).
+The MoE routes its own tokens (sequence_parallel.py) and the experts gather
+rows over tp (expert_parallel.py). The embedding and the head are
+vocabulary-parallel (vocab_parallel.py): the embedding's reduce-scatter enters
+the sequence-sharded stream and the head's all-gather leaves it.
+
 Parameters stay plain local tensors (not DTensor parameters): the model code,
 the pipeline stage and ZeroRedundancyOptimizer (whose parameter broadcast has no
 DTensor rule) all see ordinary tensors. The checkpoint exposes each shard as a
@@ -34,8 +46,9 @@ from torch import nn
 
 from moray.model.layers import Attention
 from moray.model.moe import MLP, MoE
-from moray.parallel.collectives import copy_to_tp, reduce_from_tp
+from moray.parallel.collectives import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 from moray.parallel.expert_parallel import ParallelExperts, as_parallel_experts
+from moray.parallel.sequence_parallel import SequenceParallelMoE
 from moray.parallel.sharding import tag
 
 
@@ -63,13 +76,15 @@ def _narrow_linear(lin: nn.Linear, dim: int, rank: int, size: int) -> None:
     tag(lin, "weight", tp_dim=dim)
 
 
-def _wrap_in_tp_region(module: nn.Module, group) -> None:
-    """copy_to_tp on the module's first input, reduce_from_tp on its output."""
-    module.register_forward_pre_hook(lambda m, args: (copy_to_tp(args[0], group),) + tuple(args[1:]))
-    module.register_forward_hook(lambda m, args, out: reduce_from_tp(out, group))
+def _wrap_in_tp_region(module: nn.Module, group, sequence_parallel: bool = False) -> None:
+    """copy_to_tp on the module's first input, reduce_from_tp on its output; under sequence
+    parallelism gather_seq and reduce_scatter_seq."""
+    enter, leave = (gather_seq, reduce_scatter_seq) if sequence_parallel else (copy_to_tp, reduce_from_tp)
+    module.register_forward_pre_hook(lambda m, args: (enter(args[0], group),) + tuple(args[1:]))
+    module.register_forward_hook(lambda m, args, out: leave(out, group))
 
 
-def apply_tp_attention(att: Attention, group, rank: int, size: int) -> None:
+def apply_tp_attention(att: Attention, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
     _narrow_linear(att.wq, 0, rank, size)
     if att.n_kv_heads % size == 0:
         _narrow_linear(att.wk, 0, rank, size)
@@ -82,30 +97,40 @@ def apply_tp_attention(att: Attention, group, rank: int, size: int) -> None:
             tag(kv, "weight", tp_partial=True)
             setattr(att, name, kv)
     _narrow_linear(att.wo, 1, rank, size)
-    _wrap_in_tp_region(att, group)
+    _wrap_in_tp_region(att, group, sequence_parallel)
 
 
-def apply_tp_mlp(mlp: MLP, group, rank: int, size: int) -> None:
+def apply_tp_mlp(mlp: MLP, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
     _narrow_linear(mlp.w1, 0, rank, size)
     if mlp.w3 is not None:
         _narrow_linear(mlp.w3, 0, rank, size)
     _narrow_linear(mlp.w2, 1, rank, size)
-    _wrap_in_tp_region(mlp, group)
+    _wrap_in_tp_region(mlp, group, sequence_parallel)
 
 
-def apply_tp_experts(moe: MoE, group, rank: int, size: int) -> None:
+def apply_tp_experts(moe: MoE, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
     experts: ParallelExperts = as_parallel_experts(moe)
-    experts.shard_ffn(group, rank, size)
+    experts.shard_ffn(group, rank, size, sequence_parallel)
 
 
-def apply_tp(model: nn.Module, group, rank: int, size: int) -> None:
-    """Split every block of `model` (a whole Transformer or a pipeline stage) over the tp group."""
+def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
+    """Split every block of `model` (a whole Transformer or a pipeline stage) over the tp group;
+    with sequence_parallel, activations between the TP regions are sequence shards (the
+    embedding and head must then be vocabulary-parallel: apply_vocab_parallel, same flag)."""
     if size == 1:
         return
     for block in model.layers.values():
-        apply_tp_attention(block.attention, group, rank, size)
+        apply_tp_attention(block.attention, group, rank, size, sequence_parallel)
         ff = block.feed_forward
         if isinstance(ff, MoE):
-            apply_tp_experts(ff, group, rank, size)
+            apply_tp_experts(ff, group, rank, size, sequence_parallel)
+            if sequence_parallel:
+                block.feed_forward = SequenceParallelMoE(ff, group, rank, size)
+                tag(ff.gate, "weight", tp_partial=True)  # routes this rank's tokens only
         else:
-            apply_tp_mlp(ff, group, rank, size)
+            apply_tp_mlp(ff, group, rank, size, sequence_parallel)
+        if sequence_parallel:
+            for norm in (block.attention_norm, block.ffn_norm):
+                tag(norm, "weight", tp_partial=True)  # normalises this rank's tokens only
+    if sequence_parallel and getattr(model, "norm", None) is not None:
+        tag(model.norm, "weight", tp_partial=True)

@@ -126,6 +126,10 @@ class ServeConfig(_Section):
     ngram_min_n: int = Field(2, ge=1)
     ngram_max_n: int = Field(4, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the serving engine's weights and KV dtype
+    # Pure-decode steps replayed from CUDA graphs at bucketed batch sizes: None = where capturable
+    # (CUDA, bf16 experts); "static" = the same fixed shapes uncaptured (the CPU check); "off".
+    decode_graphs: Optional[Literal["cuda", "static", "off"]] = None
+    decode_graph_sizes: Optional[List[int]] = None  # batch buckets; None = 1, 2, 4, 8, 16, ... max_num_seqs
     # Model parallelism over Ray stage actors: pipeline stages x tensor ranks x expert shards (1 = in process).
     pp: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
@@ -171,6 +175,12 @@ class MorayConfig(_Section):
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                 f"({self.model.max_seq_len}); raise model.max_seq_len or lower train.seq_len"
             )
+        p = self.parallel
+        if p.sequence_parallel and p.tp > 1 and self.train.seq_len % p.tp:
+            raise ValueError(
+                f"parallel.sequence_parallel splits each sequence over tp = {p.tp} ranks, but train.seq_len "
+                f"({self.train.seq_len}) is not a multiple of {p.tp}; use a multiple or sequence_parallel=false"
+            )
         return self
 
     def world_size(self) -> int:
@@ -206,16 +216,18 @@ def _inner(tp: Any) -> Any:
     return tp
 
 
-def _allowed_keys(loc: tuple) -> List[str]:
+def _allowed_keys(loc: tuple, root: Any = MorayConfig) -> List[str]:
     """The keys allowed at a path like ('model',) or ('data', 'sources', 0)."""
-    tp: Any = MorayConfig
+    tp: Any = root
     for part in loc:
         if not isinstance(part, int):
             tp = _inner(_field_types(tp).get(part))
     return sorted(_field_types(tp))
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, root: Any = MorayConfig) -> str:
+    """One line per problem, each naming its key; `root` is the validated model (another file's
+    schema, e.g. the router's regions.yaml, reuses this)."""
     lines = []
     for e in err.errors():
         # pydantic adds steps that are no keys: validator names ("function-...") and, for
@@ -223,7 +235,7 @@ def _format_error(err: ValidationError) -> str:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p[:1].isupper())))
         path = ".".join(str(p) for p in loc) or "<config>"
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            allowed = _allowed_keys(loc[:-1])
+            allowed = _allowed_keys(loc[:-1], root)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"{path}: unknown key"
             if hint:

@@ -1,13 +1,24 @@
 """Activations: the tensors autograd saves for backward, in bytes per token.
 
-Counted tensor by tensor from moray.model's code: a float32 forward of
-configs/tiny.yaml saves exactly what `layer_activation_bytes` counts, 15,760
-bytes per token per block (tests/test_planner.py measures it). Tensor
-parallelism leaves token-sized tensors whole on every tensor rank unless
-`sequence_parallel` splits them (off by default: DTensor's Colwise/Rowwise
-plans alone do not). 1F1B keeps min(pp - s, m) microbatches in flight on
-stage s; activation checkpointing keeps each block's input and recomputes one
-block at a time in backward.
+Counted tensor by tensor from moray.model's code and moray.parallel's layers: a
+float32 forward of configs/tiny.yaml saves what `layer_activation_bytes` counts,
+15,744 bytes per token per block, plus a few index and statistics vectors per
+layer that do not grow with the tokens (E router shares, grouped-product
+offsets: 64 bytes here); tests/test_planner.py measures the single process and
+tests/test_parallel.py every tensor-parallel layout, sequence-parallel or not.
+
+Tensor parallelism (the trainer's, moray/parallel) splits heads and FFN columns
+and, at tp > 1, the vocabulary: the head's logits and the loss's probabilities
+are 1/tp per rank (vocab_parallel.py). Token-sized tensors stay whole on every
+tensor rank unless `sequence_parallel` splits them: then the residual stream,
+the norms, the router and the routing bookkeeping hold 1/tp of the tokens, while
+what a TP region gathers (attention's input, a dense MLP's, the head's) and the
+rows the experts run stay whole. The gathered input is kept as it is for
+backward, not re-gathered there as Megatron-LM does (a*d bytes per token per
+region; re-gathering would trade an all-gather in backward for it).
+1F1B keeps min(pp - s, m) microbatches in flight on stage s; activation
+checkpointing keeps each block's input and recomputes one block at a time in
+backward.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from moray.platform.planner.errors import PlanError
 
 INDEX_BYTES = 8  # int64 token ids and routing indices
 STAT_BYTES = 4  # norms' rstd, router logits and probabilities, logsumexp: float32 in every dtype
+MASK_BYTES = 1  # bool
 
 
 def kv_heads_per_rank(n_kv_heads: int, tp: int) -> int:
@@ -28,54 +40,73 @@ def kv_heads_per_rank(n_kv_heads: int, tp: int) -> int:
     raise PlanError(f"n_kv_heads={n_kv_heads} and tp={tp}: one must divide the other")
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, sequence_parallel: bool = False) -> float:
+def norm_bytes(d: int, act: int, tp: int, sequence_parallel: bool, output_gathered: bool) -> float:
+    """RMSNorm (normalises in float32): its float32 input (the input itself in a float32 run, a
+    copy in bf16), rstd, the normalised x in the compute dtype, and its output as the next layer
+    saves it: whole (4d + 2ad + 4), or under sequence parallelism 1/tp of all that, except an
+    output that a TP region gathers, which the region's projections save whole."""
+    if not sequence_parallel:
+        return 4 * d + 2 * act * d + STAT_BYTES
+    if output_gathered:
+        return (4 * d + act * d + STAT_BYTES) / tp + act * d
+    return (4 * d + 2 * act * d + STAT_BYTES) / tp
+
+
+def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, sequence_parallel: bool = False,
+                           ep: int = 1) -> float:
     """Bytes one block saves for backward, per token of a microbatch, on one tensor rank.
 
-    RMSNorm (normalises in float32): its float32 input (the input itself in a
-    float32 run, a copy in bf16), rstd, the normalised x, and the weighted
-    output the next projections save: 4d + 2ad + 4, twice per block.
-    Attention (SDPA flash path, K/V at KV-head size): q, k, v, the output
-    (which o-proj reads as a view) and float32 logsumexp per head.
-    MoE: router logits and probabilities, top-k values, their sum, logsumexp
-    (z-loss), the routed weights (float32) and four int64 index vectors; per
-    routed copy of a token: the gathered input, the SwiGLU intermediates
-    (gate, silu(gate), up, their product; GELU: two), the expert output and the
-    weighted output. Capacity < 1 shrinks the routed copies.
-    Sequence parallelism (Korthikanti et al. 2022) splits the norms' tensors and
-    the routing over the tensor ranks; the experts' inputs stay gathered.
+    Norms: norm_bytes, twice per block (a MoE's norm output is routed where it is, not gathered).
+    Attention (SDPA flash path, K/V at KV-head size): q, k, v, the output (which o-proj reads as
+    a view) and float32 logsumexp per head.
+    MoE, per token: router logits and probabilities, top-k values, their sum, logsumexp (z-loss)
+    and the top-k indices. Per routed copy: the routed weight and two int64 indices (gather,
+    combine); the gathered input, the SwiGLU intermediates (gate, silu(gate), up, their product;
+    GELU: two), the expert output and the weighted output. Regrouping rows that arrive from
+    several sources (ep > 1, or the tp ranks under sequence parallelism) keeps two int64 indices
+    per row. Sequence parallelism splits the router and the per-copy bookkeeping over tp; the
+    experts still run every routed row of the tp group (gathered over tp), so their input and
+    intermediates stay whole, while the output and its weighted copy are this rank's rows.
+    Capacity < 1 shrinks the routed copies.
     """
     d, hd = cfg.d_model, cfg.head_dim
+    sp = sequence_parallel and tp > 1
+    split = tp if sp else 1
     heads = cfg.n_heads / tp
     kv = kv_heads_per_rank(cfg.n_kv_heads, tp)
-    token_split = tp if sequence_parallel else 1
-    norm = (4 * d + 2 * act * d + STAT_BYTES) / token_split
     attention = act * (2 * heads * hd + 2 * kv * hd) + STAT_BYTES * heads
+    attention_norm = norm_bytes(d, act, tp, sp, output_gathered=True)
     hidden_tensors = 4 if cfg.mlp == "swiglu" else 2
     if not cfg.is_moe:
-        return 2 * norm + attention + act * hidden_tensors * cfg.ffn_hidden / tp
+        return 2 * attention_norm + attention + act * hidden_tensors * cfg.ffn_hidden / tp
     E, k = cfg.n_experts, cfg.top_k
     routed = k * min(1.0, cfg.capacity_factor or 1.0)  # routed copies per token
-    router = (STAT_BYTES * (2 * E + k + 2) + INDEX_BYTES * k) / token_split
-    dispatch = routed * (STAT_BYTES + 3 * INDEX_BYTES)
-    experts = routed * act * (3 * d + hidden_tensors * cfg.ffn_hidden / tp)
-    return 2 * norm + attention + router + dispatch + experts
+    router = (STAT_BYTES * (2 * E + k + 2) + INDEX_BYTES * k) / split
+    dispatch = routed / split * (STAT_BYTES + 2 * INDEX_BYTES)
+    if sp or ep > 1:
+        dispatch += routed * 2 * INDEX_BYTES
+    experts = routed * act * (d + hidden_tensors * cfg.ffn_hidden / tp) + routed / split * act * 2 * d
+    ffn_norm = norm_bytes(d, act, tp, sp, output_gathered=False)
+    return attention_norm + ffn_norm + attention + router + dispatch + experts
 
 
 def stage_extra_activation_bytes(cfg: ModelConfig, tp: int, act: int, first: bool, last: bool,
                                  sequence_parallel: bool = False) -> float:
-    """Per token, outside the blocks: token ids on the first stage; the final
-    norm and the loss's float32 log-probabilities on the last;
-    the received input on later stages when it is not float32 (a float32 input
-    is the first norm's saved input already)."""
-    token_split = tp if sequence_parallel else 1
+    """Per token, outside the blocks: token ids on the first stage (at tp > 1 this rank's
+    vocabulary indices and the mask of tokens outside them); the final norm (whose output the
+    head saves: gathered under sequence parallelism) and the loss's float32 probabilities and
+    target ids on the last: V of them per token, or at tp > 1 this rank's ceil(V / tp)
+    (vocabulary-parallel head and loss); the received input on later stages when it is not
+    float32 (a float32 input is the first norm's saved input already)."""
+    sp = sequence_parallel and tp > 1
     extra = 0.0
     if first:
-        extra += INDEX_BYTES
+        extra += INDEX_BYTES + (MASK_BYTES if tp > 1 else 0)
     elif act != 4:
-        extra += act * cfg.d_model / token_split
+        extra += act * cfg.d_model / (tp if sp else 1)
     if last:
-        extra += (4 * cfg.d_model + 2 * act * cfg.d_model + STAT_BYTES) / token_split
-        extra += STAT_BYTES * cfg.vocab_size  # the head is whole on every tensor rank
+        extra += norm_bytes(cfg.d_model, act, tp, sp, output_gathered=True)
+        extra += STAT_BYTES * -(-cfg.vocab_size // tp) + INDEX_BYTES
     return extra
 
 

@@ -106,6 +106,9 @@ def structural_problem(w: Workload, tp: int, pp: int, ep: int, n_gpus: int) -> O
         return f"ep {ep} does not divide model.n_experts = {cfg.n_experts}"
     if dp % ep:
         return f"ep {ep} does not divide dp {dp} (expert parallelism is carved out of data parallelism)"
+    if w.sequence_parallel and tp > 1 and w.seq_len % tp:
+        return (f"sequence parallelism splits each sequence over tp {tp}, but seq_len {w.seq_len} is not a "
+                f"multiple of it; use another tp or parallel.sequence_parallel=false")
     if w.batch_tokens is not None and dp * w.seq_len > w.batch_tokens:
         return (f"dp {dp} x seq_len {w.seq_len} is more than the global batch of {w.batch_tokens:,} tokens: "
                 "some data-parallel ranks would get no sequence")
@@ -135,7 +138,8 @@ def memory_of(w: Workload, layout: Layout) -> MemoryEstimate:
     flight, stage 1 the most blocks of the rest (earlier stages take more), the last the head."""
     par = ParallelConfig(tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp, schedule=w.schedule,
                          virtual_stages=w.virtual_stages, zero=w.zero,
-                         activation_checkpointing=layout.activation_checkpointing)
+                         activation_checkpointing=layout.activation_checkpointing,
+                         sequence_parallel=layout.sequence_parallel)
     m = w.microbatches_for(layout.pp, layout.dp, layout.micro_batch_size)
     stages = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
     per_stage = estimate_memory_per_stage(w.model, par, layout.micro_batch_size, w.seq_len, w.dtype,
@@ -147,16 +151,17 @@ def evaluate(w: Workload, layout: Layout, step: Optional[StepEstimate] = None) -
     """Memory of the fullest rank and the modelled step, for one fully specified layout."""
     if step is None:
         step = estimate_step(w, layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size,
-                             layout.activation_checkpointing)
+                             layout.activation_checkpointing, layout.sequence_parallel)
     return Candidate(layout, memory_of(w, layout), step)
 
 
 def best_variant(w: Workload, tp: int, pp: int, ep: int, dp: int) -> tuple[Optional[Candidate], Candidate]:
     """The fastest variant that fits (or None), and the leanest one. Variants: the configured
     micro-batch and its halves, activation checkpointing off/on, sequence parallelism off/on
-    when tp > 1. Checkpointing only adds time and sequence parallelism none, so each is
-    tried only when the plainer variant does not fit."""
-    sps = (False, True) if tp > 1 and w.allow_sequence_parallel else (False,)
+    when tp > 1 and the trainer can run it (seq_len a multiple of tp). Checkpointing only adds
+    time, so it is tried only when no variant without it fits; sequence parallelism saves
+    memory and (with ep > 1 or pp > 1) exchange time, so both settings are compared."""
+    sps = (False, True) if tp > 1 and w.allow_sequence_parallel and w.seq_len % tp == 0 else (False,)
     sizes = [m for m in _micro_batch_sizes(w.micro_batch_size) if schedule_fits(w, pp, dp, m)] or [1]
     leanest = evaluate(w, Layout(tp, pp, ep, dp, sizes[-1], True, sps[-1]))
     if leanest.memory.total_bytes > w.usable_bytes:
@@ -164,14 +169,13 @@ def best_variant(w: Workload, tp: int, pp: int, ep: int, dp: int) -> tuple[Optio
     best = None
     for mbs in sizes:
         for ac in (False, True):
-            fitting = next((lay for lay in (Layout(tp, pp, ep, dp, mbs, ac, sp) for sp in sps)
-                            if memory_of(w, lay).total_bytes <= w.usable_bytes), None)
-            if fitting is None:
-                continue
-            c = evaluate(w, fitting)
-            if best is None or c.step.modeled_mfu > best.step.modeled_mfu * (1 + 1e-9):
-                best = c
-            break
+            fitting = [lay for lay in (Layout(tp, pp, ep, dp, mbs, ac, sp) for sp in sps)
+                       if memory_of(w, lay).total_bytes <= w.usable_bytes]
+            for c in (evaluate(w, lay) for lay in fitting):
+                if best is None or c.step.modeled_mfu > best.step.modeled_mfu * (1 + 1e-9):
+                    best = c
+            if fitting:
+                break
     return best, leanest
 
 
@@ -246,7 +250,8 @@ def check_layout(w: Workload, tp: int, pp: int, ep: int, n_gpus: int) -> LayoutC
     configured = None
     if problem is None:
         dp = n_gpus // (tp * pp)
-        configured = evaluate(w, Layout(tp, pp, ep, dp, w.micro_batch_size, w.activation_checkpointing))
+        configured = evaluate(w, Layout(tp, pp, ep, dp, w.micro_batch_size, w.activation_checkpointing,
+                                        w.sequence_parallel and tp > 1))
         if configured.memory.total_bytes <= w.usable_bytes:
             return LayoutCheck(search, configured, configured, "as configured")
         best, leanest = best_variant(w, tp, pp, ep, dp)

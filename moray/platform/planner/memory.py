@@ -20,9 +20,11 @@ ranks, one of ep expert ranks):
   the first and last stage); stage 0 holds the token embedding, the last stage
   the final norm and the output head (a tied head is a copy there when pp > 1);
   with interleaved 1F1B, rank r holds stages r, r + pp, ...;
-- 1/tp of q, o and of every expert's (or the dense MLP's) columns; the norms,
-  the router, the embedding and the head whole; K and V split like q when tp
-  divides n_kv_heads, else whole on every tensor rank (MQA's single head);
+- 1/tp of q, o and of every expert's (or the dense MLP's) columns; the norms
+  and the router whole; K and V split like q when tp divides n_kv_heads, else
+  whole on every tensor rank (MQA's single head); at tp > 1 the embedding and
+  the head split over the vocabulary (vocab_parallel.py: ceil(V / tp) rows on
+  the fullest rank; serving keeps them whole, rank_params(vocab_parallel=False));
 - n_experts / ep experts.
 
 Activations: see activations.py.
@@ -97,8 +99,10 @@ class RankParams:
         return self.dense + self.expert
 
 
-def stage_layer_counts(cfg: ModelConfig, num_stages: int, seq_len: Optional[int] = None) -> List[int]:
-    """Blocks per pipeline stage, as `moray.parallel.pipeline.partition_layers` splits them.
+def stage_layer_counts(cfg: ModelConfig, num_stages: int, seq_len: Optional[int] = None, tp: int = 1,
+                       sequence_parallel: bool = False) -> List[int]:
+    """Blocks per pipeline stage, as `moray.parallel.pipeline.partition_layers` splits them (costed
+    on one of tp tensor ranks, the head and embedding at their vocabulary share).
 
     Its objective (least sum of squared stage costs, blocks alike, the
     embedding and head costed on the end stages) is separable and convex, so
@@ -110,7 +114,8 @@ def stage_layer_counts(cfg: ModelConfig, num_stages: int, seq_len: Optional[int]
     if not 1 <= num_stages <= cfg.n_layers:
         raise PlanError(f"pp={num_stages} stages for {cfg.n_layers} layers: each stage needs a layer; "
                         f"use pp <= {cfg.n_layers}")
-    return list(_balanced(cfg.n_layers, num_stages, layer_cost(cfg, seq_len or cfg.max_seq_len), head_cost(cfg)))
+    block = layer_cost(cfg, seq_len or cfg.max_seq_len, tp, sequence_parallel)
+    return list(_balanced(cfg.n_layers, num_stages, block, head_cost(cfg, tp)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -133,11 +138,14 @@ class PipelineRank:
 
 
 def pipeline_ranks(cfg: ModelConfig, pp: int, seq_len: Optional[int] = None, virtual_stages: int = 1,
-                   layer_counts: Optional[Sequence[int]] = None) -> List[PipelineRank]:
+                   layer_counts: Optional[Sequence[int]] = None, tp: int = 1,
+                   sequence_parallel: bool = False) -> List[PipelineRank]:
     """What each of the pp pipeline ranks holds; interleaved: rank r has stages r, r + pp, ...
-    seq_len None costs attention at model.max_seq_len, as the trainer's split does."""
+    seq_len None costs attention at model.max_seq_len, as the trainer's split does; tp and
+    sequence_parallel as the trainer runs (serving: tp 1, its head is whole)."""
     n_stages = pp * virtual_stages
-    counts = list(layer_counts) if layer_counts is not None else stage_layer_counts(cfg, n_stages, seq_len)
+    counts = (list(layer_counts) if layer_counts is not None
+              else stage_layer_counts(cfg, n_stages, seq_len, tp, sequence_parallel))
     if len(counts) != n_stages or sum(counts) != cfg.n_layers or min(counts) < 1:
         raise PlanError(f"layer_counts {counts} must give {n_stages} stages of >= 1 layer summing to {cfg.n_layers}")
     return list(_ranks(tuple(counts), pp, virtual_stages))
@@ -149,7 +157,10 @@ def _ranks(counts: Tuple[int, ...], pp: int, virtual_stages: int) -> Tuple[Pipel
                  for r in range(pp))
 
 
-def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int) -> RankParams:
+def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int,
+                vocab_parallel: bool = False) -> RankParams:
+    """What one rank holds. vocab_parallel: the embedding and the head split over tp (training at
+    tp > 1); the fullest rank's ceil(V / tp) rows."""
     d = cfg.d_model
     qo = 2 * d * cfg.n_heads * cfg.head_dim // tp
     kv = 2 * d * cfg.n_kv_heads * cfg.head_dim
@@ -160,7 +171,7 @@ def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int)
     expert = rank.layers * (cfg.n_experts // ep) * ffn if cfg.is_moe else 0
     if not cfg.is_moe:
         dense += rank.layers * ffn
-    table = cfg.vocab_size * d
+    table = (-(-cfg.vocab_size // tp) if vocab_parallel else cfg.vocab_size) * d
     if rank.first:
         dense += table
     if rank.last:
@@ -179,7 +190,7 @@ def estimate_memory(
     zero: Optional[int] = None,
     activation_checkpointing: Optional[bool] = None,
     *,
-    sequence_parallel: bool = False,
+    sequence_parallel: Optional[bool] = None,
     stage: Optional[int] = None,
     dp: Optional[int] = None,
     microbatches: Optional[int] = None,
@@ -189,7 +200,7 @@ def estimate_memory(
 
     zero / activation_checkpointing / microbatches default to parallel_cfg's;
     dp defaults to parallel_cfg.dp and is required when ZeRO-1 shards over it;
-    sequence_parallel: token-wise tensors split over the tensor ranks (Megatron's SP);
+    sequence_parallel: token-wise tensors split over the tensor ranks (Megatron's SP); None = parallel_cfg's;
     layer_counts overrides the split (blocks per stage; pp x virtual_stages of them).
     """
     per_stage = estimate_memory_per_stage(
@@ -209,7 +220,7 @@ def estimate_memory_per_stage(
     zero: Optional[int] = None,
     activation_checkpointing: Optional[bool] = None,
     *,
-    sequence_parallel: bool = False,
+    sequence_parallel: Optional[bool] = None,
     dp: Optional[int] = None,
     microbatches: Optional[int] = None,
     layer_counts: Optional[Sequence[int]] = None,
@@ -221,7 +232,11 @@ def estimate_memory_per_stage(
     ac = par.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     m = par.num_microbatches if microbatches is None else microbatches
     v = par.virtual_stages if par.schedule == "interleaved_1f1b" and par.pp > 1 else 1
-    ranks = pipeline_ranks(cfg, par.pp, virtual_stages=v, layer_counts=layer_counts)
+    if sequence_parallel is None:
+        sequence_parallel = par.sequence_parallel
+    sp = sequence_parallel and par.tp > 1
+    ranks = pipeline_ranks(cfg, par.pp, virtual_stages=v, layer_counts=layer_counts, tp=par.tp,
+                           sequence_parallel=sp)
     if cfg.n_experts % par.ep:
         raise PlanError(f"ep={par.ep} does not divide n_experts={cfg.n_experts}")
     dp = dp if dp is not None else par.dp
@@ -233,13 +248,12 @@ def estimate_memory_per_stage(
         raise PlanError(f"ep={par.ep} must divide dp={dp}: expert parallelism is carved out of data parallelism")
     edp = dp // par.ep
     tokens = micro_batch_size * seq_len
-    sp = sequence_parallel and par.tp > 1
-    layer = layer_activation_bytes(cfg, par.tp, prec.activation, sp)
+    layer = layer_activation_bytes(cfg, par.tp, prec.activation, sp, par.ep)
     block_input = prec.activation * cfg.d_model / (par.tp if sp else 1)
     out = []
     for s in range(par.pp) if stages is None else stages:
         rank = ranks[s]
-        params = rank_params(cfg, par.tp, par.ep, rank, par.pp)
+        params = rank_params(cfg, par.tp, par.ep, rank, par.pp, vocab_parallel=par.tp > 1)
         sharded = params.dense / dp + params.expert / edp if zero else params.total
         flight = microbatches_in_flight(par.schedule, par.pp, s, m, par.virtual_stages)
         extra = stage_extra_activation_bytes(cfg, par.tp, prec.activation, rank.first, rank.last, sp)

@@ -78,6 +78,7 @@ class PlanRequest:
             microbatches=c.parallel.microbatches, dtype=self.dtype, zero=c.parallel.zero,
             schedule=c.parallel.schedule, virtual_stages=c.parallel.virtual_stages,
             usable_fraction=self.usable_fraction, activation_checkpointing=c.parallel.activation_checkpointing,
+            sequence_parallel=c.parallel.sequence_parallel,
         )
 
 

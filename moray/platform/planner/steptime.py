@@ -3,14 +3,17 @@
 Per microbatch, the slowest stage spends:
 - compute: 3 x its forward FLOPs (4 x with activation checkpointing) at the
   accelerator's matmul efficiency; attention scores counted as in flops.py,
-  the output head on the last stage, the embedding lookup as free;
+  the output head on the last stage at its vocabulary share (1/tp: the
+  trainer's head is vocabulary-parallel), the embedding lookup as free;
 - tensor parallel: 4 all-reduces of the (tokens x d_model) activations per
   block (2 forward, 2 backward; +2 when recomputing), ring cost 2(t-1)/t, on
   NVLink;
 - expert parallel: 4 all-to-alls per MoE block of the routed copies (top_k per
-  token, split over the tensor ranks), (e-1)/e of them leave the rank, on
-  NVLink when the expert group fits in a node, else the network;
-- pipeline: one activation forward and one gradient backward, not overlapped.
+  token; under sequence parallelism each tensor rank sends only its 1/tp, else
+  every tensor rank sends them all), (e-1)/e of them leave the rank, on NVLink
+  when the expert group fits in a node, else the network;
+- pipeline: one activation forward and one gradient backward, not overlapped
+  (a sequence shard, 1/tp, under sequence parallelism).
 The pipeline runs m + (p-1)/v such slots (the bubble is the p-1). Gradient
 reduction over dp (experts over dp / ep) overlaps the last microbatch's
 backward; what is left shows. The optimizer step streams the rank's weights,
@@ -67,7 +70,7 @@ def layer_forward_flops_per_token(w: Workload, tp: int) -> float:
 
 
 def estimate_step(w: Workload, tp: int, pp: int, ep: int, dp: int, micro_batch_size: int,
-                  activation_checkpointing: bool) -> StepEstimate:
+                  activation_checkpointing: bool, sequence_parallel: bool = False) -> StepEstimate:
     cfg, acc = w.model, w.accelerator
     prec = precision(w.dtype)
     g = w.gpus_per_node
@@ -75,12 +78,13 @@ def estimate_step(w: Workload, tp: int, pp: int, ep: int, dp: int, micro_batch_s
     m = w.microbatches_for(pp, dp, micro_batch_size)
     tokens = micro_batch_size * w.seq_len  # per microbatch
     v = w.virtual_stages if w.schedule == "interleaved_1f1b" and pp > 1 else 1
-    ranks = pipeline_ranks(cfg, pp, virtual_stages=v)
+    sp = sequence_parallel and tp > 1
+    ranks = pipeline_ranks(cfg, pp, virtual_stages=v, tp=tp, sequence_parallel=sp)
     recompute = 4 / 3 if activation_checkpointing else 1.0
     flops_rate = acc.peak_flops * acc.matmul_efficiency
 
     layer_flops = layer_forward_flops_per_token(w, tp)
-    head_flops = 2 * cfg.vocab_size * cfg.d_model  # the head is whole on every tensor rank
+    head_flops = 2 * -(-cfg.vocab_size // tp) * cfg.d_model  # vocabulary-parallel: the fullest rank's rows
     stage_fwd = [r.layers * layer_flops + (head_flops if r.last else 0) for r in ranks]
     slowest = max(range(pp), key=lambda s: stage_fwd[s])
     layers = ranks[slowest].layers
@@ -92,16 +96,17 @@ def estimate_step(w: Workload, tp: int, pp: int, ep: int, dp: int, micro_batch_s
     ep_mb = 0.0
     if cfg.is_moe and ep > 1:
         bw = acc.intra_node_bandwidth if tp * ep <= g else acc.inter_node_bandwidth
-        a2a = act_bytes * cfg.top_k / tp * (ep - 1) / ep
+        a2a = act_bytes * cfg.top_k / (tp if sp else 1) * (ep - 1) / ep
         ep_mb = passes * layers * a2a / bw
     pp_mb = 0.0
     if pp > 1:
         bw = acc.intra_node_bandwidth if n_gpus <= g else acc.inter_node_bandwidth
-        pp_mb = 2 * act_bytes / tp / bw
+        pp_mb = 2 * act_bytes / (tp if sp else 1) / bw
     slot = compute_mb + tp_mb + ep_mb + pp_mb
     bubble = (pp - 1) / v * slot
 
-    params = max((rank_params(cfg, tp, ep, r, pp) for r in (ranks[0], ranks[-1])), key=lambda p: p.total)
+    params = max((rank_params(cfg, tp, ep, r, pp, vocab_parallel=tp > 1) for r in (ranks[0], ranks[-1])),
+                 key=lambda p: p.total)
     dp_bw = acc.intra_node_bandwidth if tp * dp <= g else acc.inter_node_bandwidth
     dp_comm = (params.dense * ring_factor(dp) + params.expert * ring_factor(max(1, dp // ep))) * prec.grad / dp_bw
     dp_exposed = max(0.0, dp_comm - compute_mb * 2 / 3)

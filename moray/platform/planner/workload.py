@@ -28,6 +28,7 @@ class Workload:
     virtual_stages: int = 2
     usable_fraction: float = DEFAULT_USABLE_FRACTION
     activation_checkpointing: bool = False  # the configured layout's setting (the search tries both)
+    sequence_parallel: bool = False  # the configured layout's setting (the search tries both at tp > 1)
     allow_sequence_parallel: bool = True  # let the search split token-wise tensors over tensor ranks
 
     @property
