@@ -2,6 +2,7 @@
 
     moray plan --config configs/gpt4.yaml       # moray.platform.cli_plan
     moray convert --from-hf DIR --out DIR       # moray.platform.cli_convert
+    moray route --config regions.yaml           # moray.platform.cli_route
 
 A command module defines `add_parser(subparsers)`, which adds its parser and
 sets `func` (called with the parsed args, returns an exit code), and may define
@@ -23,6 +24,7 @@ COMMANDS = {  # name -> (module, one-line help)
     "plan": ("moray.platform.cli_plan", "capacity planner: parameters, FLOPs, memory, layouts, days, cost, serving"),
     "convert": ("moray.platform.cli_convert", "convert checkpoints between Hugging Face Mixtral and moray"),
     "export": ("moray.platform.cli_export", "export a training checkpoint as a Hugging Face or moray model directory"),
+    "route": ("moray.platform.cli_route", "multi-region router: one address in front of several serving regions"),
 }
 
 

@@ -6,6 +6,14 @@ clients that send `user`, `metadata` or `store` keep working. Fields OpenAI has 
 moray does not implement are declared so that a value other than their no-op default
 is refused by name instead of ignored (`echo`, `suffix`, `logit_bias`, `tools`, ...).
 
+Token ids (for the multi-region router, moray/serve/router/, and any client that resumes):
+`return_token_ids` is vLLM's extension and answers in vLLM's shape (`prompt_token_ids`
+on a completion choice, at the top of a chat answer, on a stream's first chunk; per
+choice `token_ids`, the generated ids including a stop token); the fields are left out
+of a body unless asked for. `continue_token_ids` is moray's: ids this request already
+generated somewhere (a stream cut by a lost region); the answer goes on after them as
+if it had made them itself (moray/serve/openai/serving.py says how).
+
 Bounds that depend on the deployment (n, max_tokens, the context) are checked by the
 server against the serve config (moray/serve/openai/serving.py); the bounds here are
 OpenAI's own.
@@ -51,6 +59,8 @@ class _SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     stop_token_ids: Optional[List[int]] = None
     ignore_eos: bool = False
+    return_token_ids: bool = False
+    continue_token_ids: Optional[List[int]] = None  # moray's: resume a sequence (n = 1, one prompt)
 
     @field_validator("logit_bias")
     @classmethod
@@ -196,11 +206,18 @@ class CompletionLogprobs(BaseModel):
     text_offset: List[int] = Field(default_factory=list)
 
 
+def _ids() -> Any:
+    """An optional list of token ids that is left out of the JSON unless set (return_token_ids)."""
+    return Field(None, exclude_if=lambda v: v is None)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    prompt_token_ids: Optional[List[int]] = _ids()
+    token_ids: Optional[List[int]] = _ids()
 
 
 class CompletionResponse(BaseModel):
@@ -236,6 +253,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
+    token_ids: Optional[List[int]] = _ids()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -245,6 +263,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: List[ChatChoice]
     usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[List[int]] = _ids()
 
 
 class DeltaMessage(BaseModel):
@@ -257,6 +276,7 @@ class ChatStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
+    token_ids: Optional[List[int]] = _ids()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -266,6 +286,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: List[ChatStreamChoice]
     usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[List[int]] = _ids()
 
 
 class ModelCard(BaseModel):
