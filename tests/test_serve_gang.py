@@ -4,15 +4,18 @@ StageGang (moray/actors/serve_gang.py) against the in-process ModelExecutor and 
 One `ray.cluster_utils.Cluster` for the module (a head with no CPUs, as the driver's node, and
 three 2-CPU worker nodes), and at most one gang alive at a time: every gang start costs
 seconds of process start-up and torch import on this 2-core machine, so each gang serves
-several assertions (two starts: tp 2, then pp 2 x ep 2, rebuilt after each of three faults).
-The node-removal test runs last (it leaves two nodes, just enough for the rebuilt gang).
+several assertions (three starts: tp 2, pp 2 x ep 2 rebuilt after each of three faults, then pp 2 x
+ep 2 over a compiled graph). The node-removal test runs before that one (it leaves two nodes, just
+enough for a pp 2 x ep 2 gang).
 
 Checked: every step's logits (allclose, argmax equal) and expert counts of a mixed workload at
 pp 2 x ep 2 and at tp 2; two steps in flight at pp 2 equal the same steps run one at a time;
 greedy generation through EngineCore equals the in-process engine token for token, also with a
 stage actor killed mid-generation; a stage actor killed (ray.kill) or its node removed while a
 step is in flight -> ExecutorFailure, an event with the cause and the seconds, and the rebuilt
-gang gives the reference outputs again.
+gang gives the reference outputs again. Last, on the cluster the node removal left: the
+compiled-graph data path (transport="cgraph") gives the same outputs and sees a killed rank as
+Ray's actor death, mid-step and between steps.
 """
 
 from __future__ import annotations
@@ -306,7 +309,7 @@ def test_engine_over_the_gang_equals_in_process_even_with_a_kill(gangs, engine_r
           f"recovery {core.stats.recoveries[0]}, {ex.health()['events'][-1]['breakdown']}")
 
 
-# ---------------------------------------------------------------- a node lost (last: it shrinks the cluster)
+# ---------------------------------------------------------------- a node lost (shrinks the cluster: only cgraph after)
 
 
 def test_removed_node_rebuilds_the_gang_elsewhere(gangs, cluster, reference):
@@ -331,3 +334,62 @@ def test_removed_node_rebuilds_the_gang_elsewhere(gangs, cluster, reference):
           f"(rebuild {event['rebuild_seconds']:.1f} s: {event['breakdown']}): {err.value.cause[:120]}")
     for i, chunks in enumerate(work[1:], 1):
         _assert_same(ex.execute(chunks), reference["steps"][i], f"after node loss step {i}")
+
+
+# ---------------------------------------------------------------- the compiled-graph data path
+
+
+def _held_stage_cls():
+    """A StageActor whose compiled-graph steps can be held (set from the actor's main thread while
+    the graph runs on its own thread), so a kill surely lands mid-step. Defined in a function, so
+    it goes to Ray's workers by value (they cannot import this test module)."""
+    from moray.actors.serve_stage import StageActor
+
+    class Held(StageActor):
+        held = 0.0
+
+        def hold(self, seconds: float) -> None:
+            self.held = seconds
+
+        def step_handoff(self, chunks, hidden=None):
+            time.sleep(self.held)
+            return super().step_handoff(chunks, hidden)
+
+    return Held
+
+
+def test_compiled_graph_path_matches_and_sees_deaths_as_actor_errors(gangs, reference):
+    """transport="cgraph" (moray/actors/serve_graph.py): the same logits and expert counts as the
+    in-process engine, two steps in flight, and a rank killed mid-step or between steps is an
+    ExecutorFailure naming the rank and Ray's ActorDiedError (no timeout), after which the rebuilt
+    gang and its recompiled graph give the reference outputs again."""
+    import ray
+
+    ex = gangs.get("pp2ep2-cgraph", ServeLayout(pp=2, ep=2), transport="cgraph", actor_cls=_held_stage_cls())
+    assert ex.gang.graph is not None
+    _run_workload(ex, reference, "cgraph pp 2 x ep 2")
+    for i, ((a, b), (want_a, want_b)) in enumerate(zip(_pipelined_pairs(), reference["pairs"])):
+        ha, hb = ex.submit(a), ex.submit(b)
+        _assert_same(ex.collect(ha), want_a, f"cgraph round {i} first")
+        _assert_same(ex.collect(hb), want_b, f"cgraph round {i} second")
+    work = _workload()
+    victim = 3
+    ray.get(ex.gang.actors[victim].hold.remote(2.0))
+    handle = ex.submit(work[0])
+    time.sleep(0.3)
+    killed_at = time.perf_counter()
+    ray.kill(ex.gang.actors[victim])
+    with pytest.raises(ExecutorFailure) as err:
+        ex.collect(handle)
+    event = ex.health()["events"][-1]
+    assert "ActorDiedError" in err.value.cause and "ray.kill" in err.value.cause, err.value.cause
+    assert event["rank"] == victim and event["rebuilt"] and ex.gang.graph is not None
+    print(f"\n[cgraph kill mid-step] -> ExecutorFailure after {time.perf_counter() - killed_at:.1f} s "
+          f"(rebuild {event['rebuild_seconds']:.1f} s): {err.value.cause}")
+    _run_workload(ex, reference, "cgraph after a kill mid-step")
+    ray.kill(ex.gang.actors[1])  # between steps: the next step's submit or collect sees it
+    time.sleep(0.5)
+    with pytest.raises(ExecutorFailure) as err:
+        ex.collect(ex.submit(work[0]))
+    assert ex.health()["events"][-1]["rank"] == 1 and "ActorDiedError" in err.value.cause, err.value.cause
+    _run_workload(ex, reference, "cgraph after a kill between steps")

@@ -12,6 +12,9 @@ so a tensor-parallel group, whose all-reduces run every layer, always shares a n
 stages and expert shards (one send per step, one all-to-all per MoE layer) may spread over
 nodes when one node cannot hold the gang. Ranks follow ParallelDims' order,
 rank = (pp_i * ep + ep_i) * tp + tp_i, so bundle i holds ranks i * tp .. i * tp + tp - 1.
+A caller that runs in a placement group ending with exactly these bundles (a Ray Serve replica
+whose deployment reserved its gang, moray/serve/app.py) has the gang placed there: reserved
+with the caller, and removed with it; otherwise the gang makes a placement group of its own.
 
 Liveness is Ray's: a step's refs are waited on together (`ray.wait`), so the death of any rank,
 or of its node, surfaces as that rank's actor-death error even while the other ranks sit in a
@@ -28,6 +31,26 @@ of a lost node by itself) and each rank has a standby in its bundle, a process t
 imported everything and holds nothing; the rebuild promotes the live standbys and starts
 fresh processes only for those lost with a node. A rebuild that fails anyway is tried once
 more from nothing: a new placement group and new processes.
+
+The data path, and why torch.distributed. Activations go stage to stage by the runners' gloo
+send/recv (NCCL on GPUs) and the driver calls every rank once per step. The other way is
+`transport="cgraph"`: each step one Ray compiled graph over the same actors (serve_graph.py;
+the same outputs, deaths seen the same way). bench/serve_stages.py measures both, one gang at
+a time on 2 shared cores (2026-12-04, load average 9-19; bench/results/serve_stages.json):
+- one (T, D) hop, decode batches 1/16/64 and a 512-token chunk, d_model 256 and 1024, bf16 and
+  fp32: gloo 0.07-0.86 ms, a compiled graph's channel 4.8-18x that (median 6.6x; Ray's
+  tensor transport over shared memory 2.2-13x);
+- a pp 2 decode step at batch 16: 42.1 ms over gloo against 105.1 ms through the graph with
+  one step in flight, 92.9 against 105.5 ms with two; what the engine serves, greedy tokens/s
+  with up to 16 and 8 sequences a step: the graph 0.73x and 0.43x of gloo's (three earlier runs
+  under load average 16-25 put the one-step figure at 0.79x-1.53x, the engine at 0.40x-0.98x);
+- waiting costs: two idle actors in a compiled graph use 0.28 CPU-seconds per second polling
+  their channels, against 0.013 for plain actors, taken from the stage that computes when
+  stages share cores.
+So gloo stays the default. Ray 2.60's graph has sharp edges besides: teardown() hangs once ~1 MB
+has gone through a channel unless the actors are killed first (StepGraph.close is called after
+the kills), ray.get of its refs times out after 10 s unless told otherwise, and an actor runs
+one graph at a time. On GPUs (NCCL channels both ways) it is not measured yet.
 """
 
 from __future__ import annotations
@@ -40,6 +63,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from moray.actors.serve_stage import StageActor
 
 log = logging.getLogger(__name__)
+TRANSPORTS = ("gloo", "cgraph")
 
 
 class GangFailure(RuntimeError):
@@ -61,6 +85,16 @@ class GangStep:
     refs: List[Any]
     generation: int
     submitted_at: float  # time.perf_counter() at submit
+    graph_ref: Any = None  # transport "cgraph": the compiled graph's ref (refs is empty)
+    graph_error: Optional[BaseException] = None  # ... or why the graph refused the step (a rank died)
+
+
+def gang_bundles(layout, cpus_per_actor: float, gpu: bool) -> List[Dict[str, float]]:
+    """One bundle per (stage, expert shard), holding its tp ranks (so they land on one node)."""
+    b = {"CPU": float(layout.tp * cpus_per_actor)}
+    if gpu:
+        b["GPU"] = float(layout.tp)
+    return [dict(b) for _ in range(layout.pp * layout.ep)]
 
 
 def _is_death(err: Exception) -> bool:
@@ -91,25 +125,33 @@ class StageGang:
     def __init__(self, path: str, model_cfg, layout, num_blocks: int, block_size: int,
                  dtype_name: Optional[str] = None, device: str = "cpu", cpus_per_actor: int = 1,
                  start_timeout_s: float = 120.0, collective_timeout_s: float = 300.0,
-                 stuck_grace_s: float = 10.0, standby: bool = True, actor_cls: type = StageActor):
+                 stuck_grace_s: float = 10.0, standby: bool = True, actor_cls: type = StageActor,
+                 transport: str = "gloo"):
         """model_cfg: a ModelConfig (or None: each actor reads it beside the weights).
         start_timeout_s bounds placement and setup; collective_timeout_s is the process group's
         (a wait nobody will end); stuck_grace_s is how long the other ranks get to finish once one
         rank's code raised, before the gang counts as wedged and is rebuilt. standby: keep one warm
         spare process per rank (torch imported, nothing loaded) so a rebuild skips process start-up
-        (CPU only). actor_cls: StageActor or a subclass (a test's fault injection)."""
+        (CPU only). actor_cls: StageActor or a subclass (a test's fault injection). transport: how
+        activations go stage to stage, "gloo" (torch.distributed send/recv, NCCL on GPUs; the
+        default, see the module doc) or "cgraph" (a Ray compiled graph, serve_graph.py)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r}: expected one of {TRANSPORTS}")
         self.path, self.layout = str(path), layout
         self.model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype_name, self.device, self.cpus_per_actor = dtype_name, str(device), cpus_per_actor
         self.start_timeout_s, self.collective_timeout_s = start_timeout_s, collective_timeout_s
-        self.stuck_grace_s, self.actor_cls = stuck_grace_s, actor_cls
+        self.stuck_grace_s, self.actor_cls, self.transport = stuck_grace_s, actor_cls, transport
+        self.graph = None  # transport "cgraph": the StepGraph over the current actors
         self.world_size = layout.pp * layout.ep * layout.tp
         self.actors: List[Any] = []
         self.use_standby = standby and not self.device.startswith("cuda")
         self.standby: List[Tuple[Any, Any]] = []  # (actor, its warm() ref): one per rank, in its bundle
         self.infos: List[dict] = []  # StageActor.info() per rank, after setup
         self.pg = None
+        self.pg_offset = 0  # the gang's first bundle in self.pg
+        self.owns_pg = True  # False: the caller's placement group (not ours to remove)
         self.generation = 0  # bumped by every (re)start; steps of older generations are void
         self.events: List[Dict[str, Any]] = []
         self.start_seconds: Optional[float] = None
@@ -122,12 +164,22 @@ class StageGang:
         return self.device.startswith("cuda")
 
     def bundles(self) -> List[Dict[str, float]]:
-        """One per (stage, expert shard), holding its tp ranks (so they land on one node)."""
-        tp = self.layout.tp
-        b = {"CPU": float(tp * self.cpus_per_actor)}
-        if self.gpu:
-            b["GPU"] = float(tp)
-        return [dict(b) for _ in range(self.layout.pp * self.layout.ep)]
+        return gang_bundles(self.layout, self.cpus_per_actor, self.gpu)
+
+    def _caller_placement(self):
+        """(placement group, offset) when the caller's placement group ends with the gang's bundles."""
+        from ray.util import get_current_placement_group
+
+        pg = get_current_placement_group()
+        if pg is None:
+            return None, 0
+        need, have = self.bundles(), pg.bundle_specs
+        tail = have[len(have) - len(need):] if len(have) >= len(need) else []
+        if tail and all({k: float(v) for k, v in h.items() if v} == n for h, n in zip(tail, need)):
+            return pg, len(have) - len(need)
+        log.info("the caller's placement group %s does not end with the gang's bundles %s: the gang makes its own",
+                 have, need)
+        return None, 0
 
     def coords(self, rank: int) -> Dict[str, int]:
         tp, ep = self.layout.tp, self.layout.ep
@@ -144,6 +196,9 @@ class StageGang:
         (after cleaning up whatever it had started). After a failure the placement group is kept
         (Ray moves the bundles of a lost node by itself) and warm standbys become the new ranks."""
         t0 = time.perf_counter()
+        if self.pg is None:
+            self.pg, self.pg_offset = self._caller_placement()
+            self.owns_pg = self.pg is None
         if self.pg is None:
             self._check_fits()
             from ray.util import placement_group
@@ -166,6 +221,8 @@ class StageGang:
                                                       self.num_blocks, self.block_size, self.dtype_name,
                                                       self.device, self.collective_timeout_s, self.cpus_per_actor)
                                        for r, a in enumerate(self.actors)], "setup")
+            if self.transport == "cgraph":
+                self.graph = self._compile()
         except GangStartError:
             self._teardown()
             raise
@@ -192,7 +249,8 @@ class StageGang:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r // self.layout.tp)
+        bundle = self.pg_offset + r // self.layout.tp
+        where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
         actor = ray.remote(self.actor_cls).options(num_cpus=0, num_gpus=1 if self.gpu and rank else 0,
                                                    max_restarts=0, max_task_retries=0,
                                                    scheduling_strategy=where).remote()
@@ -227,6 +285,16 @@ class StageGang:
         refs = [ref for _, ref in self.standby]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
         return len(ready)
+
+    def _compile(self):
+        from moray.actors.serve_graph import StepGraph
+
+        try:
+            return StepGraph(self.actors, self.layout, max_inflight=max(2, self.layout.pp),
+                             transport="accelerator" if self.gpu else None)
+        except Exception as e:  # noqa: BLE001 - whatever Ray raised, with what to do
+            raise GangStartError(f"stage gang: the compiled graph did not compile ({type(e).__name__}: {e}); "
+                                 f"use transport='gloo'") from e
 
     def _gather(self, refs: List[Any], what: str) -> List[Any]:
         """ray.get with the start timeout, naming the rank that failed."""
@@ -279,17 +347,20 @@ class StageGang:
         for a in self.actors:
             _kill(a)
         self.actors = []
+        if self.graph is not None:  # after the kills: a loop stuck behind a dead peer never ends
+            self.graph.close()
+            self.graph = None
         if keep_placement:
             return
         for a, _ in self.standby:
             _kill(a)
         self.standby = []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             try:
                 remove_placement_group(self.pg)
             except Exception:  # noqa: BLE001 - removed already
                 pass
-            self.pg = None
+        self.pg = None
 
     def shutdown(self) -> None:
         self._teardown()
@@ -311,6 +382,17 @@ class StageGang:
 
         if not self.actors:
             raise GangStartError("the stage gang is not running (start() it, or it was shut down)")
+        if self.graph is not None:
+            from ray.exceptions import RayCgraphCapacityExceeded, RayError
+
+            step = GangStep([], self.generation, time.perf_counter())
+            try:
+                step.graph_ref = self.graph.submit(chunks)
+            except RayCgraphCapacityExceeded:  # more steps in flight than the graph was built for: a caller's bug
+                raise
+            except RayError as e:  # its channels closed: a rank died since the last step (seen in wait)
+                step.graph_error = e
+            return step
         ref = ray.put(chunks)  # one copy in the object store, read by every rank
         return GangStep([a.step.remote(ref) for a in self.actors], self.generation, time.perf_counter())
 
@@ -322,6 +404,15 @@ class StageGang:
         if step.generation != self.generation:
             raise GangFailure(f"step sent to gang {step.generation}, which was rebuilt as {self.generation}: "
                               f"void", None, 0.0)
+        if step.graph_ref is not None or step.graph_error is not None:
+            from moray.actors.serve_graph import GraphBroken
+
+            try:
+                if step.graph_error is not None:
+                    raise self.graph.broken(step.graph_error)
+                return self.graph.get(step.graph_ref)
+            except GraphBroken as b:
+                self._fail(b.cause if b.rank is None else f"{self._name(b.rank)} died: {b.cause}", b.rank)
         rank_of = {ref: r for r, ref in enumerate(step.refs)}
         outputs: List[Any] = [None] * len(step.refs)
         errors: Dict[int, Exception] = {}

@@ -10,7 +10,9 @@ this class only joins the process group, builds the runner and hands its outputs
 Activations go stage to stage over torch.distributed (gloo on CPU, NCCL on GPU), not through
 Ray: every rank gets the same step's chunks, and the tensors move rank to rank in the
 runner's send/recv and all-to-all, which costs a copy over a socket (or NVLink) instead of
-an object-store round trip through the driver.
+an object-store round trip through the driver. `step_handoff` is the same step as a node of a
+Ray compiled graph, whose channels carry the activations instead (StageGang's transport
+"cgraph"; measured, not the default: serve_gang.py says why).
 
 The class is plain Python (StageGang wraps it with `ray.remote`), so it imports without
 Ray and nothing heavy happens in `__init__`: a fresh actor is cheap to start, and an actor
@@ -149,6 +151,21 @@ class StageActor:
         self._wait = 0.0
         out = self.runner.step(chunks)
         self.steps += 1
+        return self._output(out)
+
+    def step_handoff(self, chunks: List, hidden=None) -> tuple:
+        """step() as a node of the gang's Ray compiled graph (serve_graph.py): the previous stage's
+        activations come in as `hidden` through the graph's channel, this stage's go out as the
+        second value (StageRunner.step_handoff). The graph delivers `hidden` before the call, so the
+        wait for the previous stage is not in this rank's seconds (wait_seconds 0)."""
+        if self.runner is None:
+            raise RuntimeError("step_handoff() before setup(): the gang must set every actor up first")
+        self._wait = 0.0
+        out, h = self.runner.step_handoff(chunks, hidden)
+        self.steps += 1
+        return self._output(out), h
+
+    def _output(self, out):
         if out is None:
             return None
         cpu = {f: getattr(out, f).cpu() for f in ("logits", "expert_tokens") if getattr(out, f) is not None}

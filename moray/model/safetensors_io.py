@@ -37,6 +37,11 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or not what it claims to be."""
 
 
+# Part of a stored tensor: one slice (start, stop, step 1) per leading dim, the dims after them
+# whole. A pipeline stage's rank asks for its expert rows and tensor-parallel columns this way.
+Region = Tuple[slice, ...]
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -64,13 +69,18 @@ class SafetensorsDir:
     def keys(self) -> List[str]:
         return list(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
+        """The tensor, or only its `region` (one slice per leading dim), read through get_slice:
+        safetensors maps the file and copies out just the region's bytes."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(self.path / file, framework="pt")
-        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+        f = self._handles[file]
+        if region is None:
+            return f.get_tensor(name)  # type: ignore[attr-defined]
+        return f.get_slice(name)[tuple(region)]  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self._handles.clear()

@@ -18,13 +18,16 @@ stage-wide gather is needed. Sends are point-to-point on the default group (gloo
 NCCL on a GPU) and asynchronous: stage 0 may run step i + 1 while stage 1 still runs step i,
 and messages between one pair of ranks arrive in the order sent, so steps stay FIFO. The
 receiver knows T from the chunks and D from the config; the dtype is the stage's compute dtype.
+`step_handoff` is the same step with the activations handed in and out by the caller instead
+(a Ray compiled graph's channels: moray/actors/serve_graph.py, measured against this path and
+not the default; moray/actors/serve_gang.py says why).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -102,6 +105,21 @@ class StageRunner:
 
     def step(self, chunks: List[SeqChunk]) -> Optional[StageOutput]:
         """Run this rank's part of one engine step; a StageOutput on each stage's (tp 0, ep 0) rank."""
+        return self._run(chunks, self._recv, self._send)
+
+    def step_handoff(self, chunks: List[SeqChunk], hidden: Optional[torch.Tensor] = None
+                     ) -> Tuple[Optional[StageOutput], Optional[torch.Tensor]]:
+        """The same step with the activations handed in and out by the caller (a Ray compiled
+        graph's channels) instead of sent over torch.distributed: `hidden` is the previous stage's
+        (T, D) output (None on the first stage); returns (what step returns, this stage's (T, D)
+        output for the next one, None on the last stage or an empty step)."""
+        sent: List[torch.Tensor] = []
+        out = self._run(chunks, lambda n_tokens: hidden.to(self.device, self.dtype),
+                        lambda h: sent.append(h.to(self.dtype).contiguous()))
+        return out, (sent[0] if sent else None)
+
+    def _run(self, chunks: List[SeqChunk], receive: Callable[[int], torch.Tensor],
+             send: Callable[[torch.Tensor], None]) -> Optional[StageOutput]:
         t0 = time.perf_counter()
         self._reap_sends()
         n_tokens = sum(len(c.token_ids) for c in chunks)
@@ -109,11 +127,11 @@ class StageRunner:
             logits = torch.empty(0, self.cfg.vocab_size, dtype=self.dtype) if self.is_last else None
             return StageOutput(logits, None, self.stage, time.perf_counter() - t0) if self._leader else None
         tokens, positions, batch = prepare_step(chunks, self.block_size, self.model.rope_cos.shape[0], self.device)
-        x = tokens if self.is_first else self._recv(n_tokens)
+        x = tokens if self.is_first else receive(n_tokens)
         with torch.inference_mode():
             h = forward_paged(self.model, x, positions, batch, self.kv_caches)  # logits, or (T, D) hidden
         if not self.is_last:
-            self._send(h)
+            send(h)
         if not self._leader:
             return None
         stats = moe_step_stats(self.model)  # its host read synchronises the device

@@ -4,10 +4,13 @@ A serving gang is pp x ep x tp ranks (`ServeLayout`). Ranks are numbered as trai
 them (dims.py: tp innermost, then ep, then pp), with serving's data-parallel axis being the
 expert axis: there are no model replicas inside a gang, so every "dp" rank of a stage is an
 expert shard. Building follows training's order (engine.build_model_parts), forward only and
-from stored weights instead of an init: the whole Transformer on meta -> keep_stage ->
-apply_ep (still on meta) -> read only the names left, slicing stacked expert tensors
-(E, ...) to this rank's experts before keeping them (loader.materialise) -> apply_tp, which
-slices the real whole-width tensors.
+from stored weights instead of an init, and all of the cutting happens on the meta device:
+the whole Transformer on meta -> keep_stage -> apply_ep -> apply_tp, which leave each
+parameter at its shard's shape and tagged as sharding.py describes it -> `shard_regions`
+turns the tags into the piece of each stored tensor this rank holds (expert rows, tensor-
+parallel columns) -> loader.materialise reads just those pieces (src.read: a safetensors
+slice, a Hugging Face directory's own experts only, DCP asked for the pieces), so a rank reads
+about its share of the weights, never a whole layer.
 
 Two things the training forward does through module hooks need help in the paged path
 (moray/model/paged.py), both added here from outside the model:
@@ -35,7 +38,7 @@ Two things the training forward does through module hooks need help in the paged
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +50,7 @@ from moray.model.transformer import Transformer
 from moray.parallel.dims import Coords, LayoutError, ParallelDims
 from moray.parallel.expert_parallel import apply_ep
 from moray.parallel.pipeline import keep_stage, partition_layers
+from moray.parallel.sharding import param_specs
 from moray.parallel.tensor_parallel import apply_tp
 
 
@@ -97,25 +101,54 @@ def build_stage(src, layout: ServeLayout, rank: int, tp_group, ep_group, dtype: 
     """This rank's stage from a weight source (moray.platform.weights), ready for forward_paged."""
     from moray.serve.engine.loader import materialise  # reads the weights: only where a stage is built
 
-    c = layout.coords(rank)
-    layers = stage_layers(src.cfg, layout.pp)[c.pp]
-
-    def cut(model: Transformer) -> None:
-        keep_stage(model, layers, first=c.pp == 0, last=c.pp == layout.pp - 1)
-        apply_ep(model, ep_group, c.ep, layout.ep)
-
-    model = materialise(src, dtype, device, cut)
-    apply_tp(model, tp_group, c.tp, layout.tp)
+    model = materialise(src, dtype, device, stage_cut(src.cfg, layout, rank, tp_group, ep_group))
     model.requires_grad_(False)
     if layout.tp > 1:
         reduce_attention_over_tp(model, tp_group)
     if layout.ep > 1:
-        slice_moe_tokens(model, ep_group, c.ep, layout.ep)
+        slice_moe_tokens(model, ep_group, layout.coords(rank).ep, layout.ep)
     from moray.serve.engine.layout import column_major_experts, wants_column_major_experts
 
     if wants_column_major_experts(torch.device(device), next(model.parameters()).dtype):
         column_major_experts(model)  # as the in-process executor does (layout.py)
     return model.eval()
+
+
+def stage_cut(cfg: ModelConfig, layout: ServeLayout, rank: int, tp_group=None, ep_group=None
+              ) -> Callable[[Transformer], Dict[str, Tuple[slice, ...]]]:
+    """What materialise runs on the meta model: cut it down to `rank`'s stage, experts and tensor
+    shard, and return the piece of each stored tensor the rank keeps. The groups are only kept for
+    the forward pass, so without them (None) this says what a rank would read, in one process."""
+    c = layout.coords(rank)
+    layers = stage_layers(cfg, layout.pp)[c.pp]
+
+    def cut(model: Transformer) -> Dict[str, Tuple[slice, ...]]:
+        keep_stage(model, layers, first=c.pp == 0, last=c.pp == layout.pp - 1)
+        apply_ep(model, ep_group, c.ep, layout.ep)
+        apply_tp(model, tp_group, c.tp, layout.tp)
+        return shard_regions(model, layout, rank)
+
+    return cut
+
+
+def shard_regions(model: nn.Module, layout: ServeLayout, rank: int) -> Dict[str, Tuple[slice, ...]]:
+    """name -> the slices of the whole stored tensor that `model`'s (sharded) parameter is, for each
+    parameter apply_ep / apply_tp narrowed (sharding.local_view's rule, as slices to read)."""
+    dims, c = layout.dims(), layout.coords(rank)
+    out = {}
+    for name, (p, spec) in param_specs([model], dims).items():
+        if spec.local_shape == spec.global_shape:
+            continue
+        region = [slice(0, n) for n in spec.global_shape]
+        if spec.expert and dims.ep > 1:
+            n = spec.local_shape[0]
+            region[0] = slice(c.ep * n, (c.ep + 1) * n)
+        if spec.tp_dim is not None and dims.tp > 1:  # torch.chunk's split, as DTensor's Shard: even or not
+            full, n = spec.global_shape[spec.tp_dim], spec.local_shape[spec.tp_dim]
+            start = min(full, c.tp * -(-full // dims.tp))
+            region[spec.tp_dim] = slice(start, start + n)
+        out[name] = tuple(region)
+    return out
 
 
 def reduce_attention_over_tp(model: Transformer, group) -> None:
@@ -216,4 +249,5 @@ def _rank_params(cfg: ModelConfig, layout: ServeLayout, n_layers: int, first: bo
     return total
 
 
-__all__ = ["ServeLayout", "TokenSlicedMoE", "build_stage", "split_sizes", "stage_layers", "stage_report"]
+__all__ = ["ServeLayout", "TokenSlicedMoE", "build_stage", "shard_regions", "split_sizes", "stage_cut",
+           "stage_layers", "stage_report"]

@@ -6,6 +6,7 @@
     src = open_weights("hf/Mixtral-8x7B")           # config.json + *.safetensors (Hugging Face)
     src = open_weights("moray/tiny")                # moray_config.yaml + *.safetensors (`moray convert`)
     src.cfg, src.get("layers.0.attention.wq.weight")  # whole tensors, read on demand
+    src.read({"layers.0.feed_forward.experts.w1": (slice(2, 4),)})  # (name, piece) pairs: only the pieces are read
 
 A training checkpoint is read without a process group: DCP's metadata gives each
 parameter's global shape and dtype, and `dcp.load(..., no_dist=True)` into whole
@@ -14,22 +15,30 @@ tensors of those shapes gathers every rank's shards (any pp/tp/ep/dp layout). On
 needs about one layer of memory (plus the embedding). The model config comes from the
 run's config.yaml (a run dir, or a step dir under `<run>/checkpoints`), else the
 caller's; either way every tensor's shape is checked against it before anything is read.
+
+A serving rank wants pieces, not whole tensors: its experts' rows and its tensor-parallel
+columns (`read` with a Region per name, in moray's layout). Every kind reads just those: the
+safetensors directories through `get_slice` (a Hugging Face directory keeps each expert in
+tensors of its own, so other experts' are never opened), a training checkpoint through DCP's
+resharding planner asked for the pieces and a reader that fetches only their bytes
+(weights_dcp.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from moray.model.config import ModelConfig
 from moray.model.hf import _EXPERT_MATS, _LAYER_NAMES, hf_state_keys, read_hf_config  # the one hub name table
-from moray.model.safetensors_io import (MORAY_CONFIG_NAME, CheckpointError, SafetensorsDir, check_keys,
+from moray.model.safetensors_io import (MORAY_CONFIG_NAME, CheckpointError, Region, SafetensorsDir, check_keys,
                                         moray_state_keys, read_moray_config)
 from moray.platform.checkpoint import fs as cfs
 from moray.platform.checkpoint import manifest as mf
@@ -147,7 +156,8 @@ def expected_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
 
 
 class WeightSource:
-    """cfg, names (what a full model needs), get(name) -> whole tensor; kind, where, step for humans."""
+    """cfg, names (what a full model needs), get(name[, region]) -> the tensor or a piece of it, in
+    moray's layout; read({name: region or None}) -> (name, tensor) pairs; kind, where, step for humans."""
 
     kind = ""
 
@@ -155,8 +165,13 @@ class WeightSource:
         self.cfg, self.where, self.step = cfg, where, step
         self.names = moray_state_keys(cfg)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def read(self, wanted: Dict[str, Optional[Region]]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Each wanted tensor, whole (None) or only its region, in the order given."""
+        for name, region in wanted.items():
+            yield name, self.get(name, region)
 
 
 class MorayDirWeights(WeightSource):
@@ -167,8 +182,9 @@ class MorayDirWeights(WeightSource):
         self.src = SafetensorsDir(path)
         check_keys(self.src.keys(), self.names, f"{path} (moray checkpoint)")
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.src.get("tok_embeddings.weight" if name == "output.weight" and self.cfg.tie_embeddings else name)
+    def get(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
+        tied = name == "output.weight" and self.cfg.tie_embeddings
+        return self.src.get("tok_embeddings.weight" if tied else name, region)
 
 
 class HfWeights(WeightSource):
@@ -184,23 +200,27 @@ class HfWeights(WeightSource):
             keys = [k for k in keys if k != "lm_head.weight"]
         check_keys(keys, hf_state_keys(self.cfg), f"{path} (MixtralForCausalLM checkpoint)")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
         top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                "output.weight": "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight"}
         if name in top:
-            return self.src.get(top[name])
+            return self.src.get(top[name], region)
         _, i, rest = name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return self.src.get(f"model.layers.{i}.{_LAYER_NAMES[rest]}")
+        if rest in _LAYER_NAMES:  # the same (out, in) layout in both
+            return self.src.get(f"model.layers.{i}.{_LAYER_NAMES[rest]}", region)
         w = rest.removeprefix("feed_forward.experts.")
         if w not in _EXPERT_MATS:
             raise WeightsError(f"{self.where}: no Hugging Face tensor for moray's {name!r}")
-        return torch.stack([self.src.get(f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight").t()
-                            for j in range(self.cfg.n_experts)])  # (E, in, out), as moray stacks them
+        # moray's (E, in, out) stacks the hub's per-expert (out, in): the region's expert rows pick
+        # which experts' tensors are opened at all, its (in, out) slices read as the hub's (out, in).
+        experts, rows, cols = (tuple(region or ()) + (slice(None),) * 3)[:3]
+        pick = range(self.cfg.n_experts)[experts]
+        return torch.stack([self.src.get(f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight",
+                                         None if region is None else (cols, rows)).t() for j in pick])
 
 
 class DcpWeights(WeightSource):
-    """A committed training checkpoint (DCP shards of any layout), read as whole tensors.
+    """A committed training checkpoint (DCP shards of any layout), read as whole tensors or pieces.
 
     master=True reads the fp32 master copies ("optim.<fqn>.master", kept when training in
     bf16) where the checkpoint has them, the parameters ("model.<fqn>") elsewhere.
@@ -240,23 +260,41 @@ class DcpWeights(WeightSource):
                                           f"unexpected {extra[:5]}" if extra else "", "; ".join(wrong[:5])]))
                 + "; is this the right run's config?")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
+        if region is not None:
+            return self._load({name: region})[name]
         # A layer's tensors come in one dcp.load and stay until the next layer is asked for.
-        group = ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
+        group = _layer_of(name)
         if group != self._group:
             names = [n for n in self.names if n == group or n.startswith(group + ".")]
-            self._cache, self._group = self._load(names), group
+            self._cache, self._group = self._load(dict.fromkeys(names)), group
         return self._cache[name]
 
-    def _load(self, names: List[str]) -> Dict[str, torch.Tensor]:
+    def read(self, wanted: Dict[str, Optional[Region]]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """One dcp.load per layer, each tensor whole or only its region (see weights_dcp.py)."""
+        names = list(wanted)
+        for _, group in itertools.groupby(names, key=_layer_of):
+            yield from self._load({n: wanted[n] for n in group}).items()
+
+    def _load(self, wanted: Dict[str, Optional[Region]]) -> Dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
 
-        state = {self.keys[n]: torch.empty(tuple(self.meta[n].size), dtype=self.meta[n].properties.dtype)
-                 for n in names}
+        from moray.platform.weights_dcp import NarrowLoadPlanner, RangedReader
+
+        state, offsets = {}, {}
+        for n, region in wanted.items():
+            whole = tuple(self.meta[n].size)
+            spans = [s.indices(d) for s, d in zip(region or (), whole)]  # (start, stop, step) per sliced dim
+            if any(step != 1 for _, _, step in spans):
+                raise ValueError(f"{n}: a region is contiguous slices (step 1), not {region}")
+            shape = tuple(stop - start for start, stop, _ in spans) + whole[len(spans):]
+            state[self.keys[n]] = torch.empty(shape, dtype=self.meta[n].properties.dtype)
+            offsets[self.keys[n]] = tuple(start for start, _, _ in spans) + (0,) * (len(whole) - len(spans))
         with warnings.catch_warnings():  # "torch.distributed is disabled": no_dist is the point
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=cfs.dcp_reader(self.ref.loc), no_dist=True)
-        return {n: state[self.keys[n]] for n in names}
+            dcp.load(state, storage_reader=RangedReader(cfs.dcp_reader(self.ref.loc)),
+                     planner=NarrowLoadPlanner(offsets), no_dist=True)
+        return {n: state[self.keys[n]] for n in wanted}
 
     def verify(self) -> None:
         """Checksum every file against the manifest (reads the whole checkpoint once)."""
@@ -271,6 +309,11 @@ class DcpWeights(WeightSource):
             return json.loads(cfs.get_bytes(self.ref.loc.child(mf.EXTRA)))
         except (FileNotFoundError, ValueError):
             return {}
+
+
+def _layer_of(name: str) -> str:
+    """"layers.3" for any of layer 3's tensors, the name itself otherwise (embedding, norm, head)."""
+    return ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
 
 
 def open_weights(path: str, step: Optional[int] = None, model_cfg: Optional[ModelConfig] = None,

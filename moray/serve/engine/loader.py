@@ -28,8 +28,7 @@ import torch
 
 from moray.model.config import ModelConfig
 from moray.model.layers import rope_tables
-from moray.model.moe import GroupedExperts
-from moray.model.safetensors_io import CheckpointError
+from moray.model.safetensors_io import CheckpointError, Region
 from moray.model.transformer import Transformer
 
 KINDS = ("a Hugging Face Mixtral directory (config.json + *.safetensors), a `moray convert` output "
@@ -106,27 +105,27 @@ def _kinds_hint(path: str) -> str:
 
 @torch.no_grad()
 def materialise(src, dtype: Optional[torch.dtype], device: Union[str, torch.device],
-                cut: Optional[Callable[[Transformer], None]] = None) -> Transformer:
+                cut: Optional[Callable[[Transformer], Optional[Dict[str, Region]]]] = None) -> Transformer:
     """A Transformer whose parameters are the source's tensors (cast, moved), built on meta.
 
     `cut(model)` runs on the meta model first and may remove parts of it (a pipeline stage's
-    keep_stage) or narrow stacked experts to a shard (apply_ep, which sets `expert_offset`):
-    only the names left are read, and an expert tensor is sliced to the shard before it is kept.
+    keep_stage) or narrow parameters to a shard (apply_ep's experts, apply_tp's columns); it
+    returns, for each parameter it narrowed, the Region of the stored tensor that the shard is.
+    Only the names left are read, and of those only their regions (src.read).
     Raises CheckpointError (LoadError for weights that do not fit the config)."""
     cfg, device = src.cfg, torch.device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if cut is not None:
-        cut(model)
+    regions = (cut(model) if cut is not None else None) or {}
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shards = _expert_shards(model)
+    wanted = {n: regions.get(n) for n in src.names if n in want}  # not another stage's
+    # A last stage without the first's embedding still needs it as its tied head (stored once).
+    tied_head = cfg.tie_embeddings and "output.weight" in want and "tok_embeddings.weight" not in want
+    if tied_head:
+        wanted["tok_embeddings.weight"] = regions.get("output.weight")
     sd = {}
-    for name in src.names:
-        if name not in want:
-            continue  # another stage's
-        t = src.get(name)
-        if name in shards:
-            t = t[shards[name]].clone()  # (E, ...) -> this shard's (El, ...); the whole one is dropped
+    for name, t in src.read(wanted):
+        name = "output.weight" if tied_head and name == "tok_embeddings.weight" else name
         if tuple(t.shape) != want[name]:
             raise LoadError(f"{src.where}: {name} is {tuple(t.shape)} but its config wants {want[name]}; the "
                             f"weights do not match the config beside them (was the config edited or copied "
@@ -142,16 +141,6 @@ def materialise(src, dtype: Optional[torch.dtype], device: Union[str, torch.devi
     model.rope_cos, model.rope_sin = cos.to(weights_dtype), sin.to(weights_dtype)
     model.requires_grad_(False)
     return model.eval()
-
-
-def _expert_shards(model: Transformer) -> Dict[str, slice]:
-    """Stacked expert tensors that `cut` narrowed to a shard -> the slice of the stored (E, ...) tensor."""
-    out = {}
-    for mod_name, m in model.named_modules():
-        if isinstance(m, GroupedExperts) and m.num_local_experts != model.cfg.n_experts:
-            rows = slice(m.expert_offset, m.expert_offset + m.num_local_experts)
-            out.update({f"{mod_name}.{w}": rows for w in ("w1", "w2", "w3") if getattr(m, w) is not None})
-    return out
 
 
 def _tokenizer(src, spec: Optional[str]):

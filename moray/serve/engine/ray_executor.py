@@ -54,7 +54,8 @@ class RayExecutor:
         """layout: a moray.parallel.serving.ServeLayout (pp, tp, ep). model_cfg None: read beside the
         weights. dtype None: the weights' stored dtype. device: where the actors compute ("cpu" or
         "cuda"). address: a Ray cluster (else RAY_ADDRESS, else an embedded local one sized to hold
-        the gang). gang_options: StageGang's timeouts."""
+        the gang). gang_options: StageGang's timeouts, standby, and transport ("gloo", the default,
+        or "cgraph": each step one Ray compiled graph; serve_gang.py says which measures better)."""
         from moray.actors.serve_gang import StageGang
         from moray.platform.cluster import connect
 
