@@ -10,7 +10,8 @@
 #   1. bench/gpu_checks.py: grouped_mm bf16 on ragged groups, flash+MQA, moray vs HF (fp32 and
 #      bf16 relative error, gradients, KV decode), torch.compile fullgraph
 #   2. bench/model_step.py on configs/bench-moe.yaml, bf16: moray vs MixtralForCausalLM
-#   3. bench/pretrain_step_gpu.py: TrainEngine's bf16 step (bf16 weights, fp32 master + AdamW) on
+#   3. bench/pretrain_step_gpu.py: TrainEngine's bf16 step (bf16 weights, fp32 master + AdamW), with
+#      parallel.sequence_parallel on as gpt4.yaml trains (at tp 1 a no-op, recorded in the JSON), on
 #      bench-moe: fails unless every expert product is torch._grouped_mm (no per-expert loop) and a
 #      step's host syncs are fewer than its MoE layers; MFU beside HF Mixtral + AdamW, and their ratio
 #   4. bench/serve_decode_gpu.py: the serving engine's decode with CUDA graphs, without, and HF
@@ -86,13 +87,14 @@ if [[ $MODE == cpu ]]; then
   CHECKS=(--device cpu --layers 1)
   STEP=(--device cpu --config configs/tiny.yaml --batch 2 --seq 64 --warmup 1 --steps 2)
   COMPILE_STEP=("${STEP[@]}" --no-hf)
-  PRETRAIN=(--device cpu --dtype bfloat16 --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2)
+  PRETRAIN=(--device cpu --dtype bfloat16 --config configs/tiny.yaml --batch 2 --seq-len 64 --warmup 1 --steps 2
+            --sequence-parallel)
   DECODE=(--device cpu --config configs/tiny.yaml --smoke --batches 1,4)
 else
   CHECKS=(--device cuda)
   STEP=(--device cuda --config configs/bench-moe.yaml --warmup 3 --steps 10)
   COMPILE_STEP=("${STEP[@]}")
-  PRETRAIN=(--device cuda --dtype bfloat16 --config configs/bench-moe.yaml --warmup 3 --steps 10)
+  PRETRAIN=(--device cuda --dtype bfloat16 --config configs/bench-moe.yaml --warmup 3 --steps 10 --sequence-parallel)
   DECODE=(--device cuda --config configs/bench-moe.yaml)
 fi
 SUFFIX=$([[ $MODE == cpu ]] && echo cpu_smoke || echo cuda)

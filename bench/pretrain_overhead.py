@@ -2,14 +2,18 @@
 cluster against the same model and global batch stepped in one process, and the
 pipeline bubble measured against (p-1)/(m+p-1).
 
-    python bench/pretrain_overhead.py [--steps 12]
+    python bench/pretrain_overhead.py [--steps 12] [--only etp ZeRO ...]
 
 On 2 CPU cores the workers share the cores, so the ratio shows overhead
 (scheduling, gloo collectives, pipeline sends), not speed-up. The tensor-parallel
 rows split every block, the head and the loss over 2 ranks (with sequence
 parallelism also the norms, the residual stream and the routing); their global
-batch is dp 1's, half the others', and the ratio is of tokens/s.
-Results: bench/results/pretrain_overhead.json.
+batch is dp 1's, half the others', and the ratio is of tokens/s. The etp-1
+rows keep every expert whole and spread the expert group over the tensor ranks
+(and dp); the ZeRO-1 rows reduce-scatter gradients in 1 MiB buckets during the
+backward or after it; the recompute rows rebuild attention only, or every
+other block, in backward. The load average is recorded: the cores are shared.
+Results: bench/results/pretrain_overhead.json (a --only subset: pretrain_overhead_subset.json).
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ LAYOUTS = {
                              "parallel.sequence_parallel=true"],
     "pp2 x tp2 + SP (4 workers)": ["parallel.tp=2", "parallel.pp=2", "parallel.ep=1", "cluster.num_workers=4",
                                    "parallel.sequence_parallel=true"],
+    # Experts whole (etp 1), the expert group across the tensor ranks: ep 2 inside tp 2, ep 4 over tp 2 x dp 2.
+    "tp2 + SP, ep2 etp1 (2 workers)": ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.etp=1",
+                                       "cluster.num_workers=2", "parallel.sequence_parallel=true"],
+    "tp2 x dp2 + SP, ep4 etp1 (4 workers)": ["parallel.tp=2", "parallel.pp=1", "parallel.ep=4", "parallel.etp=1",
+                                             "cluster.num_workers=4", "parallel.sequence_parallel=true"],
+    # ZeRO-1 reduce-scatter in 1 MiB buckets, launched during the backward or after it.
+    "dp2 ZeRO-1, 1 MiB buckets overlapped": ["parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2",
+                                             "parallel.grad_bucket_mb=1"],
+    "dp2 ZeRO-1, 1 MiB buckets after bwd": ["parallel.pp=1", "parallel.ep=1", "cluster.num_workers=2",
+                                            "parallel.grad_bucket_mb=1", "parallel.overlap_grad_reduce=false"],
+    # Selective recomputation: attention only; every other block.
+    "pp2 x ep2, recompute attention": ["parallel.activation_checkpointing=true", "parallel.recompute=attention"],
+    "pp2 x ep2, recompute every 2nd": ["parallel.activation_checkpointing=true", "parallel.recompute_every=2"],
 }
 
 
@@ -84,13 +101,16 @@ def on_ray(overrides, steps: int, data_dir: str) -> dict:
     step_s = statistics.median(m["step_seconds"] for m in steady)
     measured = [m["bubble_measured"] for m in steady if m.get("bubble_measured") is not None]
     return {"step_s": step_s, "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady),
-            "bubble_theory": steady[0]["bubble"], "bubble_measured": statistics.median(measured) if measured else None}
+            "bubble_theory": steady[0]["bubble"], "bubble_measured": statistics.median(measured) if measured else None,
+            "load_average_after": os.getloadavg()[0]}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--only", nargs="*", help="run only the layouts whose name contains one of these")
     args = p.parse_args()
+    layouts = {k: v for k, v in LAYOUTS.items() if not args.only or any(o in k for o in args.only)}
 
     from moray.data.preparation import ensure_prepared
     from moray.platform.config import load_config
@@ -102,20 +122,21 @@ def main() -> int:
     # least disturbed by whatever else the shared machine was doing.
     load_before = os.getloadavg()[0]  # the cores are shared: a busy machine makes every ratio smaller
     first = one_process(cfg, args.steps)
-    ray_rows = [{"layout": name, **on_ray(overrides, args.steps, data_dir)} for name, overrides in LAYOUTS.items()]
+    ray_rows = [{"layout": name, **on_ray(overrides, args.steps, data_dir)} for name, overrides in layouts.items()]
     second = one_process(cfg, args.steps)
     base = min(first, second, key=lambda r: r["step_s"])
     rows = [{"layout": "one process (baseline)", **base, "ratio": 1.0,
              "baseline_step_s_before_after": [first["step_s"], second["step_s"]]}]
     rows += [{**r, "ratio": r["tokens_per_s"] / base["tokens_per_s"]} for r in ray_rows]
 
-    print(f"\n{'layout':<30}{'step s':>9}{'tokens/s':>11}{'vs 1 proc':>11}{'bubble':>9}{'measured':>10}")
+    print(f"\n{'layout':<40}{'step s':>9}{'tokens/s':>11}{'vs 1 proc':>11}{'bubble':>9}{'measured':>10}{'load':>6}")
     for r in rows:
         theory = f"{r['bubble_theory']:.1%}" if r.get("bubble_theory") else "-"
         measured = f"{r['bubble_measured']:.1%}" if r.get("bubble_measured") is not None else "-"
-        print(f"{r['layout']:<30}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['ratio']:>10.2f}x"
-              f"{theory:>9}{measured:>10}")
-    out = ROOT / "bench/results/pretrain_overhead.json"
+        load = f"{r['load_average_after']:.1f}" if "load_average_after" in r else "-"
+        print(f"{r['layout']:<40}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['ratio']:>10.2f}x"
+              f"{theory:>9}{measured:>10}{load:>6}")
+    out = ROOT / f"bench/results/pretrain_overhead{'_subset' if args.only else ''}.json"
     print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (on 2 cores)")
     out.write_text(json.dumps({"rows": rows, "steps": args.steps, "model": "configs/tiny.yaml",
                                "load_average_before_after": [load_before, os.getloadavg()[0]],

@@ -11,6 +11,7 @@ float32 weights under bf16 autocast.
 
     python bench/pretrain_step_gpu.py                                   # CPU: configs/bench-cpu.yaml, float32
     python bench/pretrain_step_gpu.py --config configs/bench-moe.yaml   # GPU: bf16, 8 x 2048 tokens
+    python bench/pretrain_step_gpu.py --sequence-parallel               # as gpt4.yaml sets it: a no-op at tp 1
 
 One more engine step, after the timed ones, checks the path it took: every
 expert product is torch._grouped_mm on bf16 (never the per-expert loop, which
@@ -162,6 +163,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
     ap.add_argument("--zero", type=int, choices=[0, 1], default=ParallelConfig().zero,
                     help="1: ZeRO-1 optimizer, as training runs it (one rank: no sharding, its wrapper's cost)")
+    ap.add_argument("--sequence-parallel", action="store_true",
+                    help="parallel.sequence_parallel, as gpt4.yaml trains: at tp 1 (one device) it must change "
+                         "nothing, and the JSON records that it was on and had nothing to split")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (Module.compile, in place)")
     ap.add_argument("--no-hf", action="store_true", help="time only the engine")
     ap.add_argument("--peak-tflops", type=float, default=None)
@@ -185,7 +189,7 @@ def main() -> None:
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
     init_single_process_group(device)
-    par = ParallelConfig(microbatches=1, zero=args.zero)
+    par = ParallelConfig(microbatches=1, zero=args.zero, sequence_parallel=args.sequence_parallel)
     engine = TrainEngine(cfg, par, ParallelDims(world_size=1), rank=0, device=device, seed=0, lr=LR, betas=BETAS,
                          weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dtype=dtype, eps=EPS)
     initial = None if args.no_hf else engine.full_state_dict()  # on the CPU: HF starts from these weights
@@ -195,8 +199,9 @@ def main() -> None:
     first, walls, cpus = time_steps(lambda: engine.step(tokens)["loss"], device, args.warmup, args.steps)
     report = engine.memory_report()
     ours_peak = torch.cuda.max_memory_allocated(device) if cuda else report["total_peak"]
-    opt = engine.optimizer.optimizers[0]  # ZeroRedundancyOptimizer/MasterWeightAdamW, or the local one alone
-    optimizer_kind = "/".join(dict.fromkeys(type(o).__name__ for o in (opt, engine.optimizer._local(opt))))
+    # Named from outside: the optimizer's insides (ZeRO pieces, master copies) are the engine's business.
+    optimizer_kind = f"{type(engine.optimizer).__name__}(zero={args.zero}, fp32 master={bf16})"
+    sequence_parallel_active = engine.sequence_parallel  # False at tp 1 whatever the flag: nothing to split
     # A compiled model does not call the Python functions the check spies on.
     path = {"ok": True, "skipped": "--compile"} if args.compile else check_grouped_path(engine, tokens, device)
     print(f"{'PASS' if path['ok'] else 'FAIL'}  engine path: {json.dumps(path)}", flush=True)
@@ -243,7 +248,8 @@ def main() -> None:
         "benchmark": "pretrain_step", "machine": machine(device), "config": Path(cfg_path).name,
         "model": cfg.to_dict(), "params_total": n.total, "params_active": n.active, "dtype": dtype,
         "hf_autocast_bf16": bf16, "batch": batch, "seq_len": seq, "warmup": args.warmup, "steps": args.steps,
-        "parallel": par.to_dict(), "compile": args.compile, "engine_optimizer": optimizer_kind,
+        "parallel": par.to_dict(), "sequence_parallel_active": sequence_parallel_active,
+        "compile": args.compile, "engine_optimizer": optimizer_kind,
         "hf_optimizer": f"torch.optim.AdamW(fused={cuda})", "engine_path": path,
         "hyper": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
         "peak_tflops": peak, "peak_source": peak_source, "measured_matmul_tflops": measured,
@@ -262,6 +268,7 @@ def main() -> None:
     gib = 2**30
     print(f"\npretrain_step: {Path(cfg_path).name}, {n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active), "
           f"batch {batch} x {seq} tokens, engine {dtype}{' (HF: autocast)' if bf16 else ''}, zero={args.zero}, "
+          f"sequence_parallel={args.sequence_parallel} (active: {sequence_parallel_active}), "
           f"{'compiled, ' if args.compile else ''}{device} ({machine(device).get('gpu', 'cpu')})")
     print(f"peak {peak:.3f} TFLOP/s ({peak_source})"
           + (f"; measured bf16 matmul {measured:.0f} TFLOP/s" if measured else "")

@@ -7,7 +7,12 @@ and the same parameters after 3 steps within 1e-5. Checkpoints saved under one
 layout load under another and step 4 is the single process's step 4.
 At tp > 1 the embedding, the head and the loss are vocabulary-parallel (no rank
 holds whole-vocabulary logits), with sequence parallelism (sp) or without; the
-planner's activation bytes for these layouts are what the ranks saved.
+planner's activation bytes for these layouts are what the ranks saved. Experts
+may be whole with the expert group across tensor ranks (etp 1); gradients are
+reduced in buckets during the last microbatch's backward (a spy records when
+each collective starts) and, under ZeRO-1, reduce-scattered into per-rank
+pieces whose optimizer state reshards like any other; selective recomputation
+rebuilds attention only, or every other block.
 All of it in float32; bf16 runs are tests/test_bf16.py's.
 
 Processes are the expensive part on 2 shared cores, so there is one spawn per
@@ -54,6 +59,23 @@ LAYOUTS = {
         "tp2_sp_tied_checkpointing": dict(parallel=dict(tp=2, microbatches=4, sequence_parallel=True,
                                                         activation_checkpointing=True),
                                           model=dict(tie_embeddings=True, vocab_size=321), save="tp2_sp_tied"),
+        # Experts over tp x dp (etp 1): the two tensor ranks are the expert group, each expert whole.
+        "tp2_sp_etp1_ep2": dict(parallel=dict(tp=2, ep=2, etp=1, microbatches=4, sequence_parallel=True,
+                                              grad_bucket_mb=0.1), save="etp1_ep2"),
+        # etp 1, ep 1: every tensor rank holds all experts and runs its own tokens (no exchange).
+        "tp2_sp_etp1": dict(parallel=dict(tp=2, etp=1, microbatches=4, sequence_parallel=True)),
+        # Buckets of ~100 KB: several reduce-scatters per step, launched during the backward; 321
+        # vocabulary rows, so the embedding's ZeRO pieces are uneven (161 + 160 rows).
+        "dp2_zero1_buckets": dict(parallel=dict(microbatches=2, grad_bucket_mb=0.1), model=dict(vocab_size=321),
+                                  save="dp2_vocab321"),
+        "dp2_zero0_buckets": dict(parallel=dict(microbatches=2, zero=0, grad_bucket_mb=0.1),
+                                  model=dict(vocab_size=321)),
+        "dp2_no_overlap": dict(parallel=dict(microbatches=2, grad_bucket_mb=0.1, overlap_grad_reduce=False)),
+        # Selective recomputation: attention only, or every other block.
+        "tp2_sp_recompute_attention": dict(parallel=dict(tp=2, microbatches=4, sequence_parallel=True,
+                                                         activation_checkpointing=True, recompute="attention")),
+        "ep2_recompute_every2": dict(parallel=dict(ep=2, microbatches=2, activation_checkpointing=True,
+                                                   recompute_every=2, grad_bucket_mb=0.1)),
     },
     4: {
         "pp2_ep2": dict(parallel=dict(pp=2, ep=2, microbatches=2), load="dp2", save="pp2_ep2", nan_drill=True),
@@ -67,6 +89,17 @@ LAYOUTS = {
         # Capacity drops decided over the whole sequence although each tensor rank routes its half.
         "tp2_sp_ep2_capacity": dict(parallel=dict(tp=2, ep=2, microbatches=2, sequence_parallel=True),
                                     model=dict(capacity_factor=1.0), save="tp2_sp_ep2_capacity"),
+        # An expert group of all 4 ranks (ep 4 over tp 2 x dp 2), ZeRO pieces over dp x tp for the norms;
+        # resumes tp2_sp's checkpoint, whose experts were split by columns over tp.
+        "tp2_dp2_ep4_etp1": dict(parallel=dict(tp=2, ep=4, etp=1, microbatches=2, sequence_parallel=True,
+                                               grad_bucket_mb=0.1), save="etp1_ep4", load="tp2_sp"),
+        # Expert copies over edp 2 (ep 2 across tp): resumes the 2-rank etp-1 checkpoint.
+        "tp2_dp2_ep2_etp1": dict(parallel=dict(tp=2, ep=2, etp=1, microbatches=2, sequence_parallel=True,
+                                               grad_bucket_mb=0.1), load="etp1_ep2"),
+        # 1F1B and dp: each stage reduces in its last microbatch's backward; interleaved: two stages a rank.
+        "pp2_dp2_buckets": dict(parallel=dict(pp=2, microbatches=2, grad_bucket_mb=0.1), load="dp2"),
+        "pp2_dp2_interleaved": dict(parallel=dict(pp=2, microbatches=2, schedule="interleaved_1f1b",
+                                                  virtual_stages=2, grad_bucket_mb=0.1)),
     },
     1: {
         "single": dict(parallel=dict(microbatches=4), load="pp2_ep2"),
@@ -75,6 +108,8 @@ LAYOUTS = {
                                      load="tp2_sp_tied"),
         "single_capacity": dict(parallel=dict(microbatches=4), model=dict(capacity_factor=1.0),
                                 load="tp2_sp_ep2_capacity"),
+        "single_from_etp1_ep4": dict(parallel=dict(microbatches=4), load="etp1_ep4"),
+        "single_vocab321": dict(parallel=dict(microbatches=4), model=dict(vocab_size=321), load="dp2_vocab321"),
     },
 }
 WORLD_ORDER = (2, 4, 1)
@@ -130,15 +165,32 @@ def _head_widths(engine) -> list:
     return widths
 
 
+LAUNCHES: list = []  # (exchanges data, launched while the backward ran) per bucket launch, in the spawned ranks
+
+
+def _spy_on_bucket_launches() -> None:
+    from moray.parallel import grad_reduce
+    from moray.parallel.engine import _in_backward
+
+    inner = grad_reduce.Bucket.launch
+
+    def launch(self, group):
+        LAUNCHES.append((self.n > 1, _in_backward()))
+        return inner(self, group)
+    grad_reduce.Bucket.launch = launch
+
+
 def _run_layout(rank: int, world: int, spec: dict, data, ckpt_root: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
     engine = _engine(rank, world, spec)
     widths = _head_widths(engine)
+    LAUNCHES.clear()
     outs = [engine.step(_share(engine, data[0]))]
     grads = _whole(engine, grads=True)
     outs += [engine.step(_share(engine, b)) for b in data[1:3]]
     res = {"outs": outs, "memory": engine.memory_report(), "bubble": engine.bubble_fraction,
+           "launches": list(LAUNCHES),
            "n_params": len(engine.named_parameters()), "stage": engine.coords.pp, "tp_rank": engine.coords.tp,
            "logits_widths": sorted(set(widths)),
            "head_rows": [p.output.weight.shape[0] for p in engine.model_parts if p.output is not None],
@@ -171,6 +223,7 @@ def _run_layout(rank: int, world: int, spec: dict, data, ckpt_root: Path) -> dic
 
 
 def _world_worker(rank: int, world: int, data, ckpt_root: str) -> dict:
+    _spy_on_bucket_launches()
     return {name: _run_layout(rank, world, spec, data, Path(ckpt_root)) for name, spec in LAYOUTS[world].items()}
 
 
@@ -247,7 +300,10 @@ def test_layout_matches_single_process(name, run_layout, reference):
 @pytest.mark.parametrize("name,source", [("pp2_ep2", "dp2_zero1"), ("pp2_tp2", "dp2_zero1"),
                                          ("single", "pp2_ep2"), ("single_from_dp4_ep2", "dp4_ep2"),
                                          ("pp2_tp2_sp", "tp2_sp"), ("single_tied_vocab321", "tp2_sp_tied_checkpointing"),
-                                         ("single_capacity", "tp2_sp_ep2_capacity")])
+                                         ("single_capacity", "tp2_sp_ep2_capacity"),
+                                         ("tp2_dp2_ep2_etp1", "tp2_sp_etp1_ep2"), ("pp2_dp2_buckets", "dp2_zero1"),
+                                         ("single_from_etp1_ep4", "tp2_dp2_ep4_etp1"),
+                                         ("single_vocab321", "dp2_zero1_buckets"), ("tp2_dp2_ep4_etp1", "tp2_sp")])
 def test_checkpoint_loads_across_layouts(name, source, run_layout, reference):
     """Saved after step 3 under `source`, loaded by a fresh engine of `name`: its step 4 is the
     single process's step 4 (weights and AdamW state both moved across the layouts)."""
@@ -311,7 +367,7 @@ def test_no_rank_holds_whole_vocabulary_logits(name, run_layout):
 # Layouts whose routing is the same on every rank (no ep: a rank's expert rows do not depend on the
 # router's balance), so the planner's per-token count is exact.
 PLANNED = ["tp2", "tp2_dense_gqa", "tp2_sp", "tp2_sp_dense_gqa", "tp2_sp_tied_checkpointing", "pp2_tp2",
-           "pp2_tp2_sp", "tp4_gqa"]
+           "pp2_tp2_sp", "tp4_gqa", "tp2_sp_etp1", "tp2_sp_recompute_attention"]
 
 
 @pytest.mark.parametrize("name", PLANNED)
@@ -343,3 +399,36 @@ def test_sequence_parallelism_saves_activations(run_layout):
     plain = max(r["memory"]["activations_peak"] for r in run_layout("tp2"))
     sp = max(r["memory"]["activations_peak"] for r in run_layout("tp2_sp"))
     assert sp < 0.85 * plain, (sp, plain)
+
+
+# Layouts whose buckets exchange data, several per step (100 KB buckets).
+OVERLAPPED = ["dp2_zero1_buckets", "dp2_zero0_buckets", "tp2_sp_etp1_ep2", "ep2_recompute_every2", "tp2_dp2_ep4_etp1",
+              "tp2_dp2_ep2_etp1", "pp2_dp2_buckets", "pp2_dp2_interleaved"]
+
+
+@pytest.mark.parametrize("name", OVERLAPPED)
+def test_gradient_reduction_overlaps_the_backward(name, run_layout):
+    """Every bucket's collective starts from a gradient hook while the last microbatch's backward
+    still runs (and the results above show none started before its gradients were final)."""
+    for r in run_layout(name):
+        launched = [in_backward for exchanges, in_backward in r["launches"] if exchanges]
+        assert len(launched) >= 3 * 2 and all(launched), (name, launched)
+
+
+def test_without_overlap_every_bucket_waits_for_the_backward(run_layout):
+    for r in run_layout("dp2_no_overlap"):
+        launched = [in_backward for exchanges, in_backward in r["launches"] if exchanges]
+        assert len(launched) >= 3 * 2 and not any(launched)
+
+
+def test_zero1_keeps_a_share_of_the_state_and_selective_recompute_keeps_more_than_full(run_layout):
+    """ZeRO-1's reduce-scatter leaves each dp rank half the optimizer state (bucketed or not); on
+    the same layout, recomputing attention only keeps more activations than recomputing blocks."""
+    for name in ("dp2_zero1", "dp2_zero1_buckets"):
+        zero = [r["memory"]["optimizer"] for r in run_layout(name)]
+        full = [r["memory"]["optimizer"] for r in run_layout("dp2_zero0_buckets")]
+        assert all(abs(z / f - 0.5) < 0.01 for z, f in zip(zero, full)), (name, zero, full)
+    attention = max(r["memory"]["activations_peak"] for r in run_layout("tp2_sp_recompute_attention"))
+    block = max(r["memory"]["activations_peak"] for r in run_layout("tp2_sp_tied_checkpointing"))
+    plain = max(r["memory"]["activations_peak"] for r in run_layout("tp2_sp"))
+    assert block < attention < plain, (block, attention, plain)

@@ -152,3 +152,66 @@ def test_sequence_parallel_needs_seq_len_a_multiple_of_tp():
     load_config(CONFIGS / "tiny.yaml", base[:-1] + ["train.seq_len=127"])  # without it, any length runs
     with pytest.raises(ConfigError, match="parallel.sequence_paralel: unknown key"):
         load_config(CONFIGS / "tiny.yaml", ["parallel.sequence_paralel=true"])
+
+
+def test_expert_layout_spans_tensor_and_data_ranks_at_etp_1():
+    """A stage's dp x tp ranks regroup as edp x ep x etp (dims.py). etp = tp is the classic layout
+    (an expert group at stride tp inside dp); at etp 1 an expert group is ep consecutive ranks."""
+    classic = ParallelDims(8, tp=2, dp=4, ep=2)
+    assert classic.etp == 2 and classic.edp == 2 and classic == ParallelDims(8, tp=2, dp=4, ep=2, etp=2)
+    assert [classic.coords(r).ep for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]  # stride tp
+    packed = ParallelDims(8, tp=2, dp=4, ep=4, etp=1)
+    packed.validate(tiny_config(), sequence_parallel=True)
+    assert packed.edp == 2 and packed.describe()["etp"] == 1 and "etp" not in classic.describe()
+    assert [packed.coords(r).ep for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]  # consecutive, across tp
+    assert [packed.coords(r).edp for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert ParallelDims.from_config(ParallelConfig(tp=2, ep=4, etp=1), 8) == packed
+
+
+@pytest.mark.parametrize("dims,sp,needle", [
+    (ParallelDims(4, tp=2, dp=2, ep=4), True, "ep 4 must divide dp 2 (with etp = tp"),
+    (ParallelDims(4, tp=2, dp=2, ep=4), True, "or etp 1 (with sequence parallelism) spreads them"),
+    (ParallelDims(4, tp=2, dp=2, ep=4, etp=1), False, "etp 1 < tp 2 needs parallel.sequence_parallel=true"),
+    (ParallelDims(8, tp=4, dp=2, ep=4, etp=3), True, "etp 3 must divide tp 4"),
+    (ParallelDims(8, tp=2, dp=4, ep=3, etp=1), True, "ep 3 x etp 1 must divide dp 4 x tp 2"),
+    (ParallelDims(6, tp=2, dp=3, ep=3, etp=1), True, "ep 3 must divide n_experts 4; with dp 3 x tp 2 / etp 1, "
+                                                     "ep in [1, 2] fits"),
+])
+def test_bad_expert_layout_says_what_would_fit(dims, sp, needle):
+    with pytest.raises(LayoutError) as err:
+        dims.validate(tiny_config(), sequence_parallel=sp)
+    assert needle in str(err.value)
+
+
+def test_new_parallel_keys_fail_in_the_driver_naming_the_key():
+    from moray.platform.config import ConfigError, load_config
+
+    for override, needle in (("parallel.recompute_every=0", "parallel.recompute_every 0"),
+                             ("parallel.recompute=attn", "parallel.recompute: Input should be 'block' or 'attention'"),
+                             ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb 0"),
+                             ("parallel.etp=0", "parallel.etp 0")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(CONFIGS / "tiny.yaml", [override])
+    cfg = load_config(CONFIGS / "tiny.yaml", ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.etp=1",
+                                              "cluster.num_workers=2", "parallel.sequence_parallel=true"])
+    from moray.platform.controller import validate_layout
+    assert validate_layout(cfg) == 2
+    with pytest.raises(ConfigError, match="needs parallel.sequence_parallel=true"):
+        validate_layout(load_config(CONFIGS / "tiny.yaml", ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
+                                                            "parallel.etp=1", "cluster.num_workers=2"]))
+
+
+def test_zero_pieces_follow_dtensor_shards():
+    """ZeRO-1 pieces (grad_reduce.nested_chunk) are what DTensor's Shard places on each rank, nested
+    over dp x tp as the partial-gradient weights are: torch.chunk of torch.chunk."""
+    import torch
+
+    from moray.parallel.grad_reduce import nested_chunk
+
+    for n, dp, tp in ((10, 2, 2), (7, 4, 1), (3, 4, 2), (128, 2, 4)):
+        rows = torch.arange(n)
+        for i, part in enumerate(list(rows.chunk(dp)) + [rows[:0]] * (dp - len(rows.chunk(dp)))):
+            pieces = list(part.chunk(tp)) + [part[:0]] * (tp - len(part.chunk(tp)))
+            for j, piece in enumerate(pieces):
+                start, length = nested_chunk(n, (dp, tp), (i, j))
+                assert length == len(piece) and (length == 0 or start == piece[0].item()), (n, dp, tp, i, j)

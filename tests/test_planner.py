@@ -302,7 +302,8 @@ def test_model_only_config_gets_every_section(gpt4_model_only, gpt4_model_only_p
     plan = gpt4_model_only_plan
     mem, t = plan["memory"], plan["training"]
     best = plan["layouts"]["feasible"][0]
-    label = f"tp{best['tp']} pp{best['pp']} ep{best['ep']} dp{best['dp']}"
+    etp = f" etp{best['etp']}" if best["etp"] != best["tp"] else ""  # experts whole, ep over tp x dp
+    label = f"tp{best['tp']} pp{best['pp']} ep{best['ep']}{etp} dp{best['dp']}"
     assert "as configured    tp 1 x pp 1 x ep 1 on 16,384 GPUs: not runnable" in out
     assert "why not          dp 16384 x seq_len 8192 is more than the global batch" in out
     assert f"runs instead     {label}" in out

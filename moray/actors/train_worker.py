@@ -123,7 +123,7 @@ class TrainingWorker:
             torch.cuda.set_device(self.device)
 
         p = cfg.parallel
-        self.dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, dp=p.resolved_dp(world_size), ep=p.ep)
+        self.dims = ParallelDims.from_config(p, world_size)
         torch.manual_seed(t.seed)
         self.engine = TrainEngine(cfg.model, p, self.dims, rank=rank, device=self.device, seed=t.seed,
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -260,11 +260,14 @@ class TrainingWorker:
 
         p, t = self.cfg.parallel, self.cfg.train
         measured = self.engine.memory_report()
+        cuda = self.device.type == "cuda"
         est = estimate_memory(self.cfg.model, p, micro_batch_size=local_seqs // p.num_microbatches,
                               seq_len=t.seq_len, dtype=t.dtype, stage=self.dims.pp_rank(self.rank),
-                              dp=self.dp_size, microbatches=p.num_microbatches)
-        # A CPU saved-tensor hook cannot see the block torch.utils.checkpoint rebuilds in backward.
-        planned = est.total_bytes - (est.recompute_bytes if self.device.type == "cpu" else 0)
+                              dp=self.dp_size, microbatches=p.num_microbatches, fused_adamw=cuda)
+        # On a GPU the allocator's peak is the whole peak; on the CPU the report counts saved tensors,
+        # which miss the transients and the block torch.utils.checkpoint rebuilds in backward
+        # (tests/test_memory_agreement.py measures the whole peak there, with TensorMemoryMeter).
+        planned = est.total_bytes if cuda else est.held_bytes - est.recompute_bytes
         rec = {**measured, "planned_total": planned, "planned_activations": est.activations_bytes,
                "measured_over_planned": measured["total_peak"] / planned}
         self.rundir.event("memory", rank=self.rank, stage=self.dims.pp_rank(self.rank), **rec)

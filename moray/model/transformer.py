@@ -9,16 +9,16 @@ names stay the same under every layout and checkpoints move between layouts).
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from moray.model.config import ModelConfig
+from moray.model.init import init_parameters
 from moray.model.layers import Attention, KVCache, RMSNorm, rope_tables
-from moray.model.moe import MLP, GroupedExperts, MoE
+from moray.model.moe import MLP, MoE
 
 
 class Block(nn.Module):
@@ -47,11 +47,14 @@ class MoEAux:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layers: Optional[Iterable[int]] = None):
+        """layers: build only these blocks (a pipeline stage, without constructing the other
+        stages' blocks first), keyed by global index as in the whole model; None: all of them."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        held = range(cfg.n_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in held})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -121,35 +124,22 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init keyed by parameter name (and global expert id).
+        """Deterministic init keyed by parameter name (and global expert id): see moray/model/init.py.
 
         Any part of the model (a pipeline stage, an expert shard) built and
         initialised on its own gets exactly the values the whole model would.
         Works after `to_empty()` from the meta device.
         """
+        self.init_buffers()
+        init_parameters(self, seed, self.cfg.init_std)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The rotary tables (not parameters: derived from the config, never saved), in the dtype
+        and on the device the buffers already have."""
         cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        std = self.cfg.init_std
-        seen = set()  # a tied weight is initialised once, under its first name
-        for mod_name, module in self.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                name = f"{mod_name}.{p_name}" if mod_name else p_name
-                if isinstance(module, RMSNorm):
-                    p.fill_(1.0)
-                elif isinstance(module, GroupedExperts):
-                    for e in range(p.shape[0]):
-                        p[e].copy_(_normal(p[e].shape, std, seed, f"{name}#{module.expert_offset + e}"))
-                else:
-                    p.copy_(_normal(p.shape, std, seed, name))
-
-
-def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: Union[str, torch.device] = "cpu",

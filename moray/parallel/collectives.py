@@ -88,15 +88,18 @@ def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], gro
 # transposing copy on each side (Megatron keeps (T, B, D) to avoid it; at B = 1 it is free).
 
 
-def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
     """out (size * n, ...) <- every rank's x (n, ...), rank order. torch 2.13 renamed
-    all_gather_into_tensor to all_gather_single (the old name warns); 2.11 has only the old one."""
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous(), group=group)
+    all_gather_into_tensor to all_gather_single (the old name warns); 2.11 has only the old one.
+    async_op: returns the collective's Work (wait() before reading out)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, x.contiguous(), group=group, async_op=async_op)
 
 
-def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:
+def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
     """out (n, ...) <- this rank's n rows of the sum of every rank's x (size * n, ...)."""
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x.contiguous(), group=group)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return scatter(out, x.contiguous(), group=group, async_op=async_op)
 
 
 def _gather_dim0(x: torch.Tensor, group) -> torch.Tensor:

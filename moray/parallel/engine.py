@@ -6,12 +6,13 @@
 
 Building (torchtitan's order, each step an apply_* from outside the model):
 the whole Transformer on the meta device -> cut to this rank's pipeline
-stage(s) -> keep this rank's experts (EP) -> materialise and init_weights (keyed
-by name and global expert id, so every part gets the whole model's values) ->
-split heads and FFN columns (TP, with sequence parallelism when configured) ->
-split the embedding, the head and the loss over the vocabulary (at tp > 1,
-always: vocab_parallel.py) -> cast to the compute dtype -> activation
-checkpointing -> optimizer (data parallel, ZeRO-1).
+stage(s) -> keep this rank's experts (EP) -> split heads and FFN columns (TP,
+with sequence parallelism when configured) -> split the embedding, the head and
+the loss over the vocabulary (at tp > 1, always: vocab_parallel.py), all still
+on meta -> materialise: allocate only this share, in the compute dtype, and fill
+it with its slice of the whole model's initial values (keyed by name and global
+expert id: materialise.py) -> activation checkpointing -> optimizer (data
+parallel, ZeRO-1).
 
 dtype "bfloat16" is bf16 end to end: weights, activations, what crosses the
 expert all-to-all and the pipeline, and gradients; the optimizer keeps fp32
@@ -23,15 +24,18 @@ each chunk's loss is its mean next-token cross-entropy divided by the number of
 microbatches, and the router losses take the same scale (set_aux_grad_scale).
 The load-balancing loss is therefore computed per microbatch per dp rank, over
 that chunk's tokens: a single-process run matches only when it routes the same
-chunks (tests/dist_utils.reference_run). Then gradients are averaged over
-data-parallel copies, clipped by the global norm, and the optimizer steps,
-unless the loss or the norm is not finite and skip_nonfinite is set.
+chunks (tests/dist_utils.reference_run). Gradients are averaged over the
+data-parallel copies in buckets while the last microbatch's backward runs
+(grad_reduce.py; under ZeRO-1 each rank receives only its share), then clipped
+by the global norm, and the optimizer steps, unless the loss or the norm is not
+finite and skip_nonfinite is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Dict, List, Optional, Sequence, Set
 
 import torch
@@ -45,9 +49,11 @@ from moray.model.transformer import Transformer
 from moray.parallel.config import ParallelConfig
 from moray.parallel.dims import LayoutError, ParallelDims
 from moray.parallel.expert_parallel import apply_ep
-from moray.parallel.memory import SavedTensorMeter, apply_activation_checkpointing, tensor_bytes
+from moray.parallel.materialise import materialise
+from moray.parallel.memory import SavedTensorMeter, tensor_bytes
 from moray.parallel.pipeline import (PipelineRunner, bubble_fraction, keep_stage, partition_layers, stage_ids,
                                      virtual_stages_of)
+from moray.parallel.recompute import apply_recompute
 from moray.parallel.sharding import full_tensor, local_view, param_specs, to_dtensor
 from moray.parallel.tensor_parallel import apply_tp
 from moray.parallel.vocab_parallel import apply_vocab_parallel, vocab_parallel_cross_entropy, vocab_range
@@ -69,34 +75,49 @@ def check_schedule(parallel_cfg: ParallelConfig, dims: ParallelDims) -> None:
                           f"{dims.pp} (got {p.virtual_stages}, {m})")
 
 
+def check_layout(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims) -> None:
+    """Everything about the layout a rank checks before building (a dry run checks the same):
+    the dims against the model, and the schedule. Raises LayoutError saying what would fit."""
+    virtual = virtual_stages_of(parallel_cfg) if dims.pp > 1 else 1
+    dims.validate(model_cfg, virtual_stages=virtual, sequence_parallel=sequence_parallel_of(parallel_cfg, dims))
+    check_schedule(parallel_cfg, dims)
+
+
 def build_model_parts(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, dims: ParallelDims, rank: int,
-                      meshes, device: torch.device, seed: int,
-                      dtype: torch.dtype = torch.float32) -> List[Transformer]:
-    """This rank's stage(s), materialised: only its layers, experts and tensor shards, in `dtype`
-    (initialised in float32 first, so every dtype starts from the same values)."""
+                      meshes, device: torch.device, seed: int, dtype: torch.dtype = torch.float32,
+                      stage_layers: Optional[List[range]] = None) -> List[Transformer]:
+    """This rank's stage(s): only its layers, experts and tensor shards, allocated in `dtype` and
+    initialised as the whole model is (materialise.py). device "meta" leaves them unallocated (a
+    dry run), and meshes None builds without process groups (such a part must not run).
+    stage_layers: partition_layers' split, from a caller that builds many ranks (a dry run)."""
     c = dims.coords(rank)
     virtual = virtual_stages_of(parallel_cfg) if dims.pp > 1 else 1
     n_stages = dims.pp * virtual
     sp = sequence_parallel_of(parallel_cfg, dims)
-    ranges = partition_layers(model_cfg, n_stages, tp=dims.tp, sequence_parallel=sp)
+    ranges = stage_layers or partition_layers(model_cfg, n_stages, tp=dims.tp, sequence_parallel=sp)
+    group = meshes.group if meshes is not None else (lambda name: None)
     parts = []
     for sid in stage_ids(c.pp, dims.pp, virtual):
         with torch.device("meta"):
-            part = Transformer(model_cfg)
+            part = Transformer(model_cfg, layers=ranges[sid])
         keep_stage(part, ranges[sid], first=sid == 0, last=sid == n_stages - 1)
-        apply_ep(part, meshes.group("ep"), c.ep, dims.ep)
-        part.to_empty(device=device)
-        if hasattr(part, "tie_weights"):
-            part.tie_weights()
-        part.init_weights(seed)
-        apply_tp(part, meshes.group("tp"), c.tp, dims.tp, sequence_parallel=sp)
-        apply_vocab_parallel(part, meshes.group("tp"), c.tp, dims.tp, sequence_parallel=sp)
-        part.to(dtype)
+        shard_stage(part, dims, c, group, sp)
+        if torch.device(device).type != "meta":
+            materialise(part, seed, device, dtype, c.tp, dims.tp)
         if parallel_cfg.activation_checkpointing:
-            apply_activation_checkpointing(part)
+            apply_recompute(part, parallel_cfg.recompute, parallel_cfg.recompute_every)
         part.stage_index = sid
         parts.append(part)
     return parts
+
+
+def shard_stage(part: Transformer, dims: ParallelDims, c, group, sequence_parallel: bool) -> None:
+    """Cut a stage (on meta: no memory) to rank `c`'s experts (EP) and tensor shards (TP, the
+    vocabulary at tp > 1); group(name) gives the process group of an axis."""
+    apply_ep(part, group("ep"), c.ep, dims.ep)
+    apply_tp(part, group("tp"), c.tp, dims.tp, sequence_parallel=sequence_parallel,
+             experts=(group("etp"), c.etp, dims.etp))
+    apply_vocab_parallel(part, group("tp"), c.tp, dims.tp, sequence_parallel=sequence_parallel)
 
 
 def sequence_parallel_of(parallel_cfg: ParallelConfig, dims: ParallelDims) -> bool:
@@ -156,14 +177,15 @@ class TrainEngine:
             raise LayoutError(f"process group has world size {dist.get_world_size()} and rank {dist.get_rank()}, "
                               f"but the engine was given world size {dims.world_size} and rank {rank}")
         p = parallel_cfg
-        if (p.tp, p.pp, p.ep) != (dims.tp, dims.pp, dims.ep) or (p.dp is not None and p.dp != dims.dp):
-            raise LayoutError(f"parallel config (tp {p.tp}, pp {p.pp}, ep {p.ep}, dp {p.dp}) disagrees with dims "
-                              f"{dims.describe()}; build dims with ParallelDims.from_config(parallel_cfg, world_size)")
+        if (p.tp, p.pp, p.ep, p.etp or p.tp) != (dims.tp, dims.pp, dims.ep, dims.etp) or \
+                (p.dp is not None and p.dp != dims.dp):
+            raise LayoutError(f"parallel config (tp {p.tp}, pp {p.pp}, ep {p.ep}, etp {p.etp}, dp {p.dp}) disagrees "
+                              f"with dims {dims.describe()}; build dims with ParallelDims.from_config(parallel_cfg, "
+                              f"world_size)")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use float32 or bfloat16")
         virtual = virtual_stages_of(p) if dims.pp > 1 else 1
-        dims.validate(model_cfg, virtual_stages=virtual)
-        check_schedule(p, dims)
+        check_layout(model_cfg, p, dims)
 
         self.model_cfg, self.parallel_cfg, self.dims, self.rank = model_cfg, p, dims, rank
         self.device = torch.device(device)
@@ -181,9 +203,13 @@ class TrainEngine:
         for part in self.model_parts:
             set_aux_grad_scale(part, 1.0 / self.num_microbatches)
         self._params = param_specs(self.model_parts, dims)
+        # Gradients reduce in buckets during the last microbatch's backward (grad_reduce.py), a stage's apart.
+        stage_of = {fqn: part.stage_index for part in self.model_parts for fqn, _ in part.named_parameters()}
         self.optimizer = DataParallelOptimizer(self._params, dims, self.meshes, self.coords, lr=lr, betas=betas,
                                                eps=eps, weight_decay=weight_decay, zero=p.zero,
-                                               master_weights=self.compute_dtype != torch.float32)
+                                               master_weights=self.compute_dtype != torch.float32,
+                                               stage_of=stage_of, bucket_bytes=int(p.grad_bucket_mb * (1 << 20)),
+                                               overlap=p.overlap_grad_reduce)
         self._stats = _RouterStats(self.model_parts, model_cfg.n_experts, self.device)
         self.bubble_fraction = bubble_fraction(dims.pp, self.num_microbatches, virtual)
         self.measured_bubble_fraction: Optional[float] = None
@@ -192,9 +218,11 @@ class TrainEngine:
             head_rows = None if self.vocab_rows is None else self.vocab_rows[1] - self.vocab_rows[0]
             self._pipeline = PipelineRunner(self.model_parts, model_cfg, p, dims.pp, self.meshes.group("pp"),
                                             self.device, self.compute_dtype, self._loss_fn,
-                                            seq_shards=dims.tp if self.sequence_parallel else 1, vocab_rows=head_rows)
+                                            seq_shards=dims.tp if self.sequence_parallel else 1, vocab_rows=head_rows,
+                                            before_last_backward=self.optimizer.reducer.arm)
         self._grad_bytes = self._activation_peak = 0
         self._bubble_local = 0.0
+        self.timings: Dict[str, float] = {}  # the last step's forward + backward and reduction tail, seconds
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One microbatch's mean next-token cross-entropy, scaled by 1 / microbatches. At tp > 1 the
@@ -213,8 +241,10 @@ class TrainEngine:
         m = self.num_microbatches
         losses = []
         model = self.model_parts[0]
-        for x, y in zip(inputs.tensor_split(m), targets.tensor_split(m)):
+        for i, (x, y) in enumerate(zip(inputs.tensor_split(m), targets.tensor_split(m))):
             loss = self._loss_fn(model(x), y)
+            if i == m - 1:  # gradients are final in this backward: reduce them as they come
+                self.optimizer.reducer.arm()
             loss.backward()
             losses.append(loss.detach())
         return losses
@@ -249,16 +279,20 @@ class TrainEngine:
             meter = SavedTensorMeter(p for p, _ in self._params.values())
         elif self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
         with meter or contextlib.nullcontext():
             losses = self._forward_backward(inputs, targets)
         if meter is not None:
             self._activation_peak = meter.peak
-
+        backward_done = time.perf_counter()
         self.optimizer.reduce_gradients()
+        # What the reduction added after the backward: all of it without overlap, the tail with it.
+        self.timings = {"forward_backward_s": backward_done - started,
+                        "reduction_wait_s": time.perf_counter() - backward_done}
         out = self._reduce_metrics(losses, num_tokens=targets.numel() * self.dims.dp)
         finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
         out["skipped"] = bool(skip_nonfinite and not finite)
-        self._grad_bytes = tensor_bytes(p.grad for p, _ in self._params.values() if p.grad is not None)
+        self._grad_bytes = self.optimizer.reducer.grad_bytes()  # held whole in the backward, before reduction
         if out["skipped"]:
             self.optimizer.zero_grad()
             return out
@@ -320,10 +354,9 @@ class TrainEngine:
         for fqn, (p, spec) in self._params.items():
             sd[f"model.{fqn}"] = to_dtensor(p.detach(), spec, self.meshes)
         for fqn, st in self.optimizer.owned_state().items():
-            spec = self._params[fqn][1]
             for k in OPTIM_KEYS:
-                if k in st:
-                    sd[f"optim.{fqn}.{k}"] = to_dtensor(st[k], spec, self.meshes) if k != "step" else st[k]
+                if k in st:  # a ZeRO piece's state is Shard(dim) over its copies besides (zero.py)
+                    sd[f"optim.{fqn}.{k}"] = self.optimizer.to_dtensor(fqn, st[k]) if k != "step" else st[k]
         return sd
 
     def state_dict_for(self, sd: Dict[str, torch.Tensor], in_checkpoint: Set[str]) -> Dict[str, torch.Tensor]:
@@ -354,25 +387,26 @@ class TrainEngine:
         masters would keep their initial values and the next step would write them back."""
         from torch.distributed.tensor import DTensor
 
-        # key -> (destination, spec, the key to read when key is absent)
-        targets = {f"model.{fqn}": (p.data, spec, None) for fqn, (p, spec) in self._params.items()}
+        # key -> (destination, how to cut a whole or local tensor to it, the key to read when key is absent)
+        model_view = lambda spec: lambda src: local_view(src, spec, self.dims, self.coords)  # noqa: E731
+        state_view = lambda fqn: lambda src: self.optimizer.state_view(fqn, src)  # noqa: E731
+        targets = {f"model.{fqn}": (p.data, model_view(spec), None) for fqn, (p, spec) in self._params.items()}
         for fqn, st in self.optimizer.owned_state().items():
             for k in OPTIM_KEYS:
                 if k in st:
-                    targets[f"optim.{fqn}.{k}"] = (st[k], self._params[fqn][1],
-                                                   f"model.{fqn}" if k == "master" else None)
+                    targets[f"optim.{fqn}.{k}"] = (st[k], state_view(fqn), f"model.{fqn}" if k == "master" else None)
         missing = [k for k, (_, _, fallback) in targets.items()
                    if k not in sd and fallback not in sd and (strict or k.startswith("model."))]
         if missing:
             raise KeyError(f"state dict lacks {len(missing)} of this rank's keys, e.g. {missing[:3]}")
-        for key, (dst, spec, fallback) in targets.items():
+        for key, (dst, view, fallback) in targets.items():
             src = sd.get(key, sd.get(fallback) if fallback else None)
             if src is None:
                 continue
             if isinstance(src, DTensor):
                 src = src.to_local()
             if src.shape != dst.shape and dst.dim() > 0:
-                src = local_view(src, spec, self.dims, self.coords)
+                src = view(src)
             if src.shape != dst.shape:
                 raise ValueError(f"{key}: got shape {tuple(src.shape)}, this rank holds {tuple(dst.shape)}")
             if src.data_ptr() != dst.data_ptr():
@@ -383,9 +417,8 @@ class TrainEngine:
         every rank; grads=True gives their gradients as of the last step instead (averaged, clipped).
         Collective; gathers everything, so for tests, export and small models."""
         local = {}
-        for fqn, (p, spec) in self._params.items():
-            t = p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
-            local[fqn] = full_tensor(t, spec, self.meshes).cpu()
+        for fqn, (p, spec) in self._params.items():  # gradients: ZeRO pieces gathered (zero.py)
+            local[fqn] = (self.optimizer.full_grad(fqn) if grads else full_tensor(p.detach(), spec, self.meshes)).cpu()
         if self.dims.pp > 1:
             parts: List[Optional[Dict]] = [None] * self.dims.pp
             dist.all_gather_object(parts, local, group=self.meshes.group("pp"))

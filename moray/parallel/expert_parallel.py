@@ -34,6 +34,14 @@ So experts combine with SP x TP as Megatron-Core's expert-tensor-parallel
 layout does with ETP = TP: expert weights split over tp along F, tokens routed
 where they live, the exchange over ep 1/tp of the non-SP one, and the gather /
 reduce-scatter over tp moving what the all-reduce moved.
+
+The expert-tensor group need not be the whole tp group (dims.py: etp divides
+tp, the ep group then spans tensor ranks as well). "tp" in this module means
+that group: shard_ffn is given it, steps 3 and 4 gather and reduce-scatter over
+it, and at etp = 1 there is nothing to gather: each rank runs the rows it
+received through whole experts, and the only exchange is the all-to-all over
+ep, which at etp 1 stays inside ep consecutive ranks (a node) instead of
+crossing ep x tp of them.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ class ParallelExperts(GroupedExperts):
                 continue
             n = w.shape[dim] // size
             setattr(self, name, nn.Parameter(w.detach().narrow(dim, rank * n, n).clone()))
-            tag(self, name, tp_dim=dim)
+            tag(self, name, tp_dim=dim, split=(rank, size))
         self.tp_group, self.tp_size, self.tp_rank = group, size, rank
         self.sequence_parallel = sequence_parallel and size > 1
 

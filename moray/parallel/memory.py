@@ -8,10 +8,11 @@ running total is the activation peak. On a GPU the allocator knows better:
 torch.cuda.max_memory_allocated is the total peak, and activations are what is
 left after parameters, gradients and optimizer state.
 
-Activation checkpointing keeps only each block's input and recomputes the
-block in backward (torch.utils.checkpoint, non-reentrant). The recomputed
-tensors live inside the checkpoint, out of the hook's sight: the CPU count then
-is the blocks' inputs, about one block's activations less than the truth.
+Activation checkpointing (recompute.py) keeps only a checkpointed block's
+input, or all but attention's tensors, and recomputes the rest in backward
+(torch.utils.checkpoint, non-reentrant). The recomputed tensors live inside the
+checkpoint, out of the hook's sight: the CPU count then misses one block's (or
+one attention's) activations, which the planner reports as recompute_bytes.
 """
 
 from __future__ import annotations
@@ -19,20 +20,6 @@ from __future__ import annotations
 from typing import Dict, Iterable
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block of `model` in backward. Parameter names do not change (the block's
-    own forward is wrapped, not the block)."""
-    for block in model.layers.values():
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
 
 
 class _Saved:

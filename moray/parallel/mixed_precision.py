@@ -4,12 +4,12 @@ The model runs in bf16 end to end (what the grouped expert product, the
 expert all-to-all and the pipeline sends need to be fast), and the parts whose
 precision matters compute in fp32 inside it (RMSNorm's statistics, the router's
 softmax and top-k, the loss's log-softmax). Gradients stay bf16 in `p.grad`.
-The optimizer keeps, for each parameter whose state this rank owns, an fp32
+The optimizer keeps, for the piece of each parameter this rank owns, an fp32
 master copy with AdamW's m and v; a step converts the gradient to fp32, updates
 the master, and rounds it into the bf16 parameter (Megatron's distributed
-optimizer and torchtitan's mixed precision do the same). Passed to
-ZeroRedundancyOptimizer as its optimizer_class, master copies exist only for
-the rank's ZeRO-1 shard, and ZeRO broadcasts the updated bf16 parameters.
+optimizer and torchtitan's mixed precision do the same). Under ZeRO-1 the
+pieces are this rank's ZeRO share (zero.py, grad_reduce.py), and the rounded
+pieces are all-gathered into the bf16 parameters.
 
 Bytes per parameter: 2 weight + 2 grad + (4 master + 8 Adam) / ZeRO shards, as
 `moray.platform.planner.memory.precision("bfloat16")` counts them.
@@ -17,7 +17,8 @@ Bytes per parameter: 2 weight + 2 grad + (4 master + 8 Adam) / ZeRO shards, as
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence
+import itertools
+from typing import Dict, Iterable, List, Sequence
 
 import torch
 
@@ -30,14 +31,32 @@ def adamw_options(device: torch.device) -> Dict[str, bool]:
 
 def new_adamw_state(p: torch.Tensor, master: bool) -> Dict[str, torch.Tensor]:
     """AdamW's state for `p` as its first step would make it, all on p's device (fused AdamW refuses
-    a step counter on another device); with `master`, an fp32 copy of p and fp32 m and v."""
-    like = p.detach().float() if master else p.detach()
+    a step counter on another device); with `master`, an fp32 copy of p and fp32 m and v. The
+    tensors are contiguous, so a ZeRO piece (maybe a strided view) still gets compact state."""
+    dtype = torch.float32 if master else p.dtype
     state = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-             "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
-             "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format)}
+             "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
+             "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device)}
     if master:
-        state["master"] = like.clone(memory_format=torch.preserve_format)
+        state["master"] = torch.empty(p.shape, dtype=dtype, device=p.device).copy_(p.detach())
     return state
+
+
+def adamw_update(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[Dict[str, torch.Tensor]], *,
+                 lr: float, betas: Sequence[float], eps: float, weight_decay: float, fused: bool = False) -> None:
+    """torch.optim.AdamW's update (decoupled weight decay) of `params` in place from `grads` (cast to
+    the parameters' dtype), states' exp_avg / exp_avg_sq / step. The fused kernel only when asked and
+    every tensor is contiguous (ZeRO pieces split along a later dimension are strided views)."""
+    from torch.optim.adamw import adamw
+
+    if not params:
+        return
+    grads = [g.to(p.dtype) for p, g in zip(params, grads)]
+    fused = fused and all(t.is_contiguous() for t in itertools.chain(params, grads))
+    beta1, beta2 = betas
+    adamw(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+          [s["step"] for s in states], fused=fused or None, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+          weight_decay=weight_decay, eps=eps, maximize=False)
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -53,17 +72,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim.adamw import adamw
-
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self.state[p] for p in params]
             masters = [s["master"] for s in states]
-            beta1, beta2 = group["betas"]
-            adamw(masters, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
-                  [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-                  fused=group["fused"] or None, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            adamw_update(masters, [p.grad for p in params], states, lr=group["lr"], betas=group["betas"],
+                         eps=group["eps"], weight_decay=group["weight_decay"], fused=group["fused"])
             torch._foreach_copy_(params, masters)

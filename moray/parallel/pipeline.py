@@ -21,8 +21,9 @@ not rescaled by the schedule: the loss is already divided by the microbatches.
 
 from __future__ import annotations
 
+import inspect
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -137,11 +138,19 @@ def build_schedule(stages: list, cfg: ParallelConfig, loss_fn: Callable):
 
 def _timed_stage_class():
     """PipelineStage that adds the time of each forward and backward chunk to `clock[0]`: the
-    rank's busy time, so 1 - busy / step time is its measured bubble."""
+    rank's busy time, so 1 - busy / step time is its measured bubble. Before its last backward of
+    a step (the m-th: `backwards` counts them, the runner resets it) it calls
+    before_last_backward(stage_index): from then on the stage's gradients are final, and their
+    reduction may start as they come (grad_reduce.py). Counted here rather than read from the
+    schedule's last_backward flag, so every schedule, in any microbatch order, and torch 2.11's
+    are covered alike."""
     from torch.distributed.pipelining import PipelineStage
 
     class TimedStage(PipelineStage):
         clock: List[float]
+        microbatches: int
+        backwards: int
+        before_last_backward: Optional[Callable[[int], None]]
 
         def forward_one_chunk(self, *args, **kwargs):
             t = time.perf_counter()
@@ -151,6 +160,9 @@ def _timed_stage_class():
                 self.clock[0] += time.perf_counter() - t
 
         def backward_one_chunk(self, *args, **kwargs):
+            self.backwards += 1
+            if self.backwards == self.microbatches and self.before_last_backward is not None:
+                self.before_last_backward(self.stage_index)
             t = time.perf_counter()
             try:
                 return super().backward_one_chunk(*args, **kwargs)
@@ -170,17 +182,19 @@ class PipelineRunner:
 
     def __init__(self, parts: Sequence, cfg: ModelConfig, parallel_cfg: ParallelConfig, pp: int, group,
                  device: torch.device, dtype: torch.dtype, loss_fn: Callable, seq_shards: int = 1,
-                 vocab_rows: int | None = None):
+                 vocab_rows: int | None = None, before_last_backward: Optional[Callable[[int], None]] = None):
         """seq_shards: stages exchange (B, T / seq_shards, D) (sequence parallelism: tp);
-        vocab_rows: the width of this rank's logits (vocabulary parallelism), None = vocab_size."""
+        vocab_rows: the width of this rank's logits (vocabulary parallelism), None = vocab_size;
+        before_last_backward(stage_index): called before a stage's last microbatch's backward."""
         self.parts, self.cfg, self.parallel_cfg, self.pp, self.group = parts, cfg, parallel_cfg, pp, group
         self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
         self.seq_shards, self.vocab_rows = seq_shards, vocab_rows or cfg.vocab_size
         self.n_stages = pp * len(parts)
         self.has_first = any(part.stage_index == 0 for part in parts)
         self.has_last = any(part.stage_index == self.n_stages - 1 for part in parts)
-        self._schedule, self._shape = None, None
+        self._schedule, self._shape, self._stages = None, None, []
         self._clock = [0.0]
+        self.before_last_backward = before_last_backward
 
     def _build(self, microbatch: int, seq_len: int):
         hidden = dict(dtype=self.dtype, device=self.device, requires_grad=True)
@@ -200,7 +214,10 @@ class PipelineRunner:
             stage = stage_cls(part, sid, self.n_stages, self.device, input_args=example_in,
                               output_args=example_out, group=self.group)
             stage.clock = self._clock
+            stage.microbatches, stage.backwards = self.parallel_cfg.num_microbatches, 0
+            stage.before_last_backward = self.before_last_backward
             stages.append(stage)
+        self._stages = stages
         return build_schedule(stages, self.parallel_cfg, self.loss_fn)
 
     def run(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[List[torch.Tensor], float]:
@@ -210,9 +227,15 @@ class PipelineRunner:
         if shape != self._shape:
             self._schedule, self._shape = self._build(*shape), shape
         losses: List[torch.Tensor] = []
+        for stage in self._stages:
+            stage.backwards = 0
         started, self._clock[0] = time.perf_counter(), 0.0
+        # return_outputs=False: the last stage would otherwise keep every microbatch's logits until
+        # the step ends (36 x 205 MB on a gpt4 tp8 rank) only to hand them back; the losses suffice.
+        no_outputs = {"return_outputs": False} if "return_outputs" in inspect.signature(
+            self._schedule.step).parameters else {}
         self._schedule.step(*((inputs,) if self.has_first else ()),
                             target=targets if self.has_last else None,
-                            losses=losses if self.has_last else None)
+                            losses=losses if self.has_last else None, **no_outputs)
         bubble = 1.0 - self._clock[0] / max(time.perf_counter() - started, 1e-9)
         return [loss.detach() for loss in losses], bubble

@@ -12,9 +12,9 @@ parameter, which everything else uses:
   its gradient is a partial sum over tensor ranks.
 
 Placements: stacked experts are Shard(0) on the expert mesh's "ep" dim (and
-Shard(F dim) on "tp" under tensor parallelism); tensor-parallel shards are
-Shard(dim) on the world mesh's "tp"; everything else is a plain tensor, whole on
-every rank that holds it (DCP keeps one copy). A tp split may be uneven (the
+Shard(F dim) on "etp" when expert tensor parallelism splits them; see dims.py);
+tensor-parallel shards are Shard(dim) on the world mesh's "tp"; everything else
+is a plain tensor, whole on every rank that holds it (DCP keeps one copy). A tp split may be uneven (the
 vocabulary: 100,277 rows over 8 ranks): it follows torch.chunk, as DTensor's
 Shard does, so rank r starts at r * ceil(n / tp) and the last ranks hold fewer.
 """
@@ -36,6 +36,9 @@ class ShardTag:
     tp_dim: Optional[int] = None  # split over the tp group along this dim
     tp_full: Optional[int] = None  # the whole size along tp_dim when the split is uneven (None: local x tp)
     tp_partial: bool = False  # whole on every tensor rank, gradient a partial sum over tp
+    # (rank, size) in the group that split tp_dim when it is not the tp group: experts split over
+    # their expert-tensor group (dims.py's etp); None = the tp group
+    split: Optional[Tuple[int, int]] = None
 
 
 def tag(module: nn.Module, param_name: str, **fields) -> None:
@@ -74,8 +77,9 @@ def param_specs(modules: Iterable[nn.Module], dims: ParallelDims) -> Dict[str, T
                 shape = list(p.shape)
                 if expert:
                     shape[0] *= dims.ep
-                if t.tp_dim is not None:
-                    shape[t.tp_dim] = t.tp_full if t.tp_full is not None else shape[t.tp_dim] * dims.tp
+                if t.tp_dim is not None:  # experts split over the expert-tensor group, the rest over tp
+                    ranks = dims.etp if expert else dims.tp
+                    shape[t.tp_dim] = t.tp_full if t.tp_full is not None else shape[t.tp_dim] * ranks
                 out[fqn] = (p, ParamSpec(tuple(p.shape), tuple(shape), expert, t.tp_dim, t.tp_partial))
     return out
 
@@ -89,7 +93,7 @@ def _mesh_and_placements(spec: ParamSpec, meshes: Meshes):
 
     tp = Shard(spec.tp_dim) if spec.tp_dim is not None else Replicate()
     if spec.expert:
-        return meshes.expert["ep", "tp"], (Shard(0), tp)
+        return meshes.expert["ep", "etp"], (Shard(0), tp)
     return meshes.world["tp"], (tp,)
 
 
@@ -117,8 +121,9 @@ def local_view(full: torch.Tensor, spec: ParamSpec, dims: ParallelDims, coords: 
     if spec.expert and dims.ep > 1:
         n = spec.local_shape[0]
         out = out.narrow(0, coords.ep * n, n)
-    if spec.tp_dim is not None and dims.tp > 1:
-        start = chunk_start(spec.global_shape[spec.tp_dim], dims.tp, coords.tp)
+    ranks, rank = (dims.etp, coords.etp) if spec.expert else (dims.tp, coords.tp)
+    if spec.tp_dim is not None and ranks > 1:
+        start = chunk_start(spec.global_shape[spec.tp_dim], ranks, rank)
         out = out.narrow(spec.tp_dim, start, spec.local_shape[spec.tp_dim])
     return out
 

@@ -26,19 +26,23 @@ rank's 1/tp of the sequence, (B, T / tp, D); a region starts with gather_seq
 The norms' and the router's weights then see only their rank's tokens, so their
 gradients are partial sums over tp (`tp_partial`, summed by the optimizer side).
 The MoE routes its own tokens (sequence_parallel.py) and the experts gather
-rows over tp (expert_parallel.py). The embedding and the head are
+rows over their expert-tensor group (expert_parallel.py): the whole tp group
+by default, none at all when etp = 1 and each expert is whole on its rank. The embedding and the head are
 vocabulary-parallel (vocab_parallel.py): the embedding's reduce-scatter enters
 the sequence-sharded stream and the head's all-gather leaves it.
 
 Parameters stay plain local tensors (not DTensor parameters): the model code,
-the pipeline stage and ZeroRedundancyOptimizer (whose parameter broadcast has no
-DTensor rule) all see ordinary tensors. The checkpoint exposes each shard as a
+the pipeline stage, the gradient reducer and the ZeRO optimizer (zero.py) all
+see ordinary tensors. The checkpoint exposes each shard as a
 DTensor with its placement (see sharding.py), so DCP reshards across layouts.
-Apply after init_weights on the whole-width module: `apply_tp` slices real
-tensors (see engine.build_model_parts).
+Apply on the meta device, before materialising: `apply_tp` slices meta tensors
+(no memory), and materialise.py then fills each shard with its slice of the
+whole model's initial values (see engine.build_model_parts).
 """
 
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -113,17 +117,23 @@ def apply_tp_experts(moe: MoE, group, rank: int, size: int, sequence_parallel: b
     experts.shard_ffn(group, rank, size, sequence_parallel)
 
 
-def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: bool = False) -> None:
+def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: bool = False,
+             experts: Optional[Tuple[object, int, int]] = None) -> None:
     """Split every block of `model` (a whole Transformer or a pipeline stage) over the tp group;
     with sequence_parallel, activations between the TP regions are sequence shards (the
-    embedding and head must then be vocabulary-parallel: apply_vocab_parallel, same flag)."""
+    embedding and head must then be vocabulary-parallel: apply_vocab_parallel, same flag).
+    experts: (group, rank, size) of the expert-tensor group that splits the experts' FFN columns
+    (dims.py's etp); None = the tp group itself. Size 1 leaves every expert whole (each tensor
+    rank runs its own tokens' rows: sequence parallelism is required, ParallelDims checks it)."""
     if size == 1:
         return
+    e_group, e_rank, e_size = experts if experts is not None else (group, rank, size)
     for block in model.layers.values():
         apply_tp_attention(block.attention, group, rank, size, sequence_parallel)
         ff = block.feed_forward
         if isinstance(ff, MoE):
-            apply_tp_experts(ff, group, rank, size, sequence_parallel)
+            if e_size > 1:
+                apply_tp_experts(ff, e_group, e_rank, e_size, sequence_parallel)
             if sequence_parallel:
                 block.feed_forward = SequenceParallelMoE(ff, group, rank, size)
                 tag(ff.gate, "weight", tp_partial=True)  # routes this rank's tokens only

@@ -79,7 +79,7 @@ class StepLine:
 
 
 def _layout(d: Optional[Dict[str, Any]]) -> str:
-    return " ".join(f"{k}={d[k]}" for k in ("pp", "dp", "tp", "ep") if d and k in d)
+    return " ".join(f"{k}={d[k]}" for k in ("pp", "dp", "tp", "ep", "etp") if d and k in d)
 
 
 def _first_line(text: Any, limit: int = 200) -> str:

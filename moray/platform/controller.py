@@ -46,8 +46,7 @@ def validate_layout(cfg: MorayConfig) -> int:
     world = cfg.world_size()
     p = cfg.parallel
     try:
-        dp = p.resolved_dp(world)
-        ParallelDims(world_size=world, tp=p.tp, pp=p.pp, dp=dp, ep=p.ep).validate(cfg.model)
+        ParallelDims.from_config(p, world).validate(cfg.model, sequence_parallel=p.sequence_parallel and p.tp > 1)
     except ValueError as err:
         raise ConfigError(f"bad layout: {err}") from None
     # Ray Train numbers workers node by node, and tp is the innermost mesh dimension, so

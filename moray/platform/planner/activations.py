@@ -17,8 +17,9 @@ rows the experts run stay whole. The gathered input is kept as it is for
 backward, not re-gathered there as Megatron-LM does (a*d bytes per token per
 region; re-gathering would trade an all-gather in backward for it).
 1F1B keeps min(pp - s, m) microbatches in flight on stage s; activation
-checkpointing keeps each block's input and recomputes one block at a time in
-backward.
+checkpointing keeps each checkpointed block's input and recomputes one block at
+a time in backward; selective recomputation (recompute: attention) drops only
+what attention saved, and recompute_every k checkpoints one block in k.
 """
 
 from __future__ import annotations
@@ -52,8 +53,17 @@ def norm_bytes(d: int, act: int, tp: int, sequence_parallel: bool, output_gather
     return (4 * d + 2 * act * d + STAT_BYTES) / tp
 
 
+def attention_activation_bytes(cfg: ModelConfig, tp: int, act: int) -> float:
+    """What attention saves per token on one tensor rank (SDPA flash path, K/V at KV-head size):
+    q, k, v, the output (which o-proj reads as a view) and float32 logsumexp per head. This is
+    what selective recomputation (parallel.recompute: attention) drops and rebuilds."""
+    heads = cfg.n_heads / tp
+    kv = kv_heads_per_rank(cfg.n_kv_heads, tp)
+    return act * (2 * heads * cfg.head_dim + 2 * kv * cfg.head_dim) + STAT_BYTES * heads
+
+
 def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, sequence_parallel: bool = False,
-                           ep: int = 1) -> float:
+                           ep: int = 1, etp: int | None = None) -> float:
     """Bytes one block saves for backward, per token of a microbatch, on one tensor rank.
 
     Norms: norm_bytes, twice per block (a MoE's norm output is routed where it is, not gathered).
@@ -63,18 +73,18 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, sequence_paralle
     and the top-k indices. Per routed copy: the routed weight and two int64 indices (gather,
     combine); the gathered input, the SwiGLU intermediates (gate, silu(gate), up, their product;
     GELU: two), the expert output and the weighted output. Regrouping rows that arrive from
-    several sources (ep > 1, or the tp ranks under sequence parallelism) keeps two int64 indices
-    per row. Sequence parallelism splits the router and the per-copy bookkeeping over tp; the
-    experts still run every routed row of the tp group (gathered over tp), so their input and
-    intermediates stay whole, while the output and its weighted copy are this rank's rows.
-    Capacity < 1 shrinks the routed copies.
+    several sources (ep > 1, or the expert-tensor ranks under sequence parallelism) keeps two
+    int64 indices per row. Sequence parallelism splits the router and the per-copy bookkeeping
+    over tp; the experts run every routed row of their expert-tensor group (etp ranks, None = tp:
+    gathered over it), each with its F / etp columns, so a rank runs etp / tp of the routed copies
+    (all of them without sequence parallelism, where etp = tp), while the output and its weighted
+    copy are this rank's rows. Capacity < 1 shrinks the routed copies.
     """
-    d, hd = cfg.d_model, cfg.head_dim
+    d = cfg.d_model
     sp = sequence_parallel and tp > 1
     split = tp if sp else 1
-    heads = cfg.n_heads / tp
-    kv = kv_heads_per_rank(cfg.n_kv_heads, tp)
-    attention = act * (2 * heads * hd + 2 * kv * hd) + STAT_BYTES * heads
+    etp = tp if etp is None else etp
+    attention = attention_activation_bytes(cfg, tp, act)
     attention_norm = norm_bytes(d, act, tp, sp, output_gathered=True)
     hidden_tensors = 4 if cfg.mlp == "swiglu" else 2
     if not cfg.is_moe:
@@ -83,9 +93,10 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, act: int, sequence_paralle
     routed = k * min(1.0, cfg.capacity_factor or 1.0)  # routed copies per token
     router = (STAT_BYTES * (2 * E + k + 2) + INDEX_BYTES * k) / split
     dispatch = routed / split * (STAT_BYTES + 2 * INDEX_BYTES)
-    if sp or ep > 1:
-        dispatch += routed * 2 * INDEX_BYTES
-    experts = routed * act * (d + hidden_tensors * cfg.ffn_hidden / tp) + routed / split * act * 2 * d
+    run = routed * etp / split if sp else routed  # rows this rank's experts run, per token
+    if (sp and etp > 1) or ep > 1:
+        dispatch += run * 2 * INDEX_BYTES
+    experts = run * act * (d + hidden_tensors * cfg.ffn_hidden / etp) + routed / split * act * 2 * d
     ffn_norm = norm_bytes(d, act, tp, sp, output_gathered=False)
     return attention_norm + ffn_norm + attention + router + dispatch + experts
 
@@ -108,6 +119,22 @@ def stage_extra_activation_bytes(cfg: ModelConfig, tp: int, act: int, first: boo
         extra += norm_bytes(cfg.d_model, act, tp, sp, output_gathered=True)
         extra += STAT_BYTES * -(-cfg.vocab_size // tp) + INDEX_BYTES
     return extra
+
+
+def block_activation_bytes(layer: float, block_input: float, attention: float, layer_ids, checkpointing: bool,
+                           recompute: str = "block", every: int = 1) -> tuple:
+    """(kept, rebuilt): bytes per token a stage's blocks `layer_ids` keep for backward, and what
+    backward rebuilds for one block at a time (moray/parallel/recompute.py's choice of blocks:
+    global index a multiple of `every`). "block" keeps a checkpointed block's input only;
+    "attention" keeps everything but what attention saved. `layer` is one block's bytes,
+    `attention` its attention's share (attention_activation_bytes)."""
+    ids = list(layer_ids)
+    if not checkpointing:
+        return len(ids) * layer, 0.0
+    n = sum(1 for i in ids if i % every == 0)
+    if recompute == "attention":
+        return len(ids) * layer - n * attention, attention if n else 0.0
+    return n * block_input + (len(ids) - n) * layer, layer if n else 0.0
 
 
 def microbatches_in_flight(schedule: str, pp: int, stage: int, microbatches: int, virtual_stages: int = 2) -> float:

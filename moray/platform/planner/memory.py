@@ -9,9 +9,11 @@ Bytes per parameter (`dtype`), as moray.parallel's TrainEngine holds them
             makes an fp32 copy of a gradient only inside the optimizer step, for its
             own shard, when the activations are already freed.
 AdamW's step counter (4 bytes per tensor, not per element) is left out.
-ZeRO-1 shards the optimizer part (master + Adam) over the data-parallel group:
-dense parameters over dp, expert parameters over the expert-data-parallel
-group dp / ep (expert parallelism is carved out of data parallelism).
+ZeRO-1 shards the optimizer part (master + Adam) over the copies of each
+parameter: dense parameters over dp, those whole on every tensor rank with
+partial gradients (MQA's shared K/V; norms and router under sequence
+parallelism) over dp x tp, experts over the edp ranks holding the same experts
+(dp x tp / (ep x etp), moray/parallel/dims.py).
 
 A rank holds what moray.parallel gives it (stage s of pp, one of tp tensor
 ranks, one of ep expert ranks):
@@ -27,7 +29,12 @@ ranks, one of ep expert ranks):
   the fullest rank; serving keeps them whole, rank_params(vocab_parallel=False));
 - n_experts / ep experts.
 
-Activations: see activations.py.
+Activations: see activations.py. The rank's peak (total_bytes) is the larger
+of the backward's (state, saved activations, the rotary tables, the backward's
+workspace) and the optimizer step's (state, the reduced gradient pieces,
+AdamW's workspace): transients.py. tests/test_memory_agreement.py measures every
+live tensor of each rank of a real gpt4-mini step (tp 2 x pp 2 x ep 2, SP,
+checkpointing, ZeRO-1, bf16) against it: within 3%.
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ from typing import List, Optional, Sequence, Tuple
 from moray.model.config import ModelConfig
 from moray.model.params import expert_params
 from moray.parallel.config import ParallelConfig
-from moray.platform.planner.activations import (layer_activation_bytes, microbatches_in_flight,
+from moray.platform.planner.activations import (attention_activation_bytes, block_activation_bytes,
+                                                layer_activation_bytes, microbatches_in_flight,
                                                 stage_extra_activation_bytes)
 from moray.platform.planner.errors import PlanError
+from moray.platform.planner.transients import (backward_workspace_bytes, largest_block_weight, optimizer_step_bytes,
+                                               rope_bytes)
 
 
 @dataclass(frozen=True)
@@ -80,19 +90,48 @@ class MemoryEstimate:
     microbatches_in_flight: float
     recompute_bytes: float = 0.0  # checkpointing: the one block rebuilt in backward (a CPU saved-tensor
     # hook does not see it: it lives inside torch.utils.checkpoint)
+    # The peaks between (transients.py): the rotary tables, the backward's workspace on top of the
+    # activations, and the optimizer step's gradients (ZeRO pieces) and AdamW workspace.
+    buffers_bytes: float = 0.0
+    workspace_bytes: float = 0.0
+    step_grads_bytes: Optional[float] = None  # None: grads_bytes
+    step_workspace_bytes: float = 0.0
+
+    @property
+    def backward_bytes(self) -> float:
+        """The peak in the backward: state, what the microbatches in flight saved, the workspace."""
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.buffers_bytes
+                + self.activations_bytes + self.workspace_bytes)
+
+    @property
+    def step_bytes(self) -> float:
+        """The peak in the optimizer step: state, reduced gradients, AdamW's workspace."""
+        grads = self.grads_bytes if self.step_grads_bytes is None else self.step_grads_bytes
+        return self.weights_bytes + grads + self.optimizer_bytes + self.buffers_bytes + self.step_workspace_bytes
 
     @property
     def total_bytes(self) -> float:
+        """The rank's peak tensor memory: the larger of the two."""
+        return max(self.backward_bytes, self.step_bytes)
+
+    @property
+    def held_bytes(self) -> float:
+        """Weights, gradients, optimizer state and saved activations, no transients: what a count of
+        saved tensors sees (TrainEngine.memory_report on the CPU)."""
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "total_bytes": self.total_bytes, "backward_bytes": self.backward_bytes,
+                "step_bytes": self.step_bytes}
 
 
 @dataclass(frozen=True)
 class RankParams:
     dense: int  # replicated over dp: attention, norms, router, embeddings, a dense MLP
-    expert: int  # replicated over dp / ep only
+    expert: int  # replicated over the edp ranks holding the same expert shard only
+    # the part of `dense` whole on every tensor rank with partial-sum gradients (MQA's shared K/V;
+    # under sequence parallelism the norms and the router): ZeRO-1 shards it over dp x tp
+    partial: int = 0
 
     @property
     def total(self) -> int:
@@ -158,17 +197,29 @@ def _ranks(counts: Tuple[int, ...], pp: int, virtual_stages: int) -> Tuple[Pipel
 
 
 def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int,
-                vocab_parallel: bool = False) -> RankParams:
+                vocab_parallel: bool = False, etp: Optional[int] = None,
+                sequence_parallel: bool = False) -> RankParams:
     """What one rank holds. vocab_parallel: the embedding and the head split over tp (training at
-    tp > 1); the fullest rank's ceil(V / tp) rows."""
+    tp > 1); the fullest rank's ceil(V / tp) rows. etp: the ranks splitting each expert's
+    columns (None = tp); sequence_parallel: the norms and router see 1/tp of the tokens."""
+    etp = tp if etp is None else etp
     d = cfg.d_model
     qo = 2 * d * cfg.n_heads * cfg.head_dim // tp
     kv = 2 * d * cfg.n_kv_heads * cfg.head_dim
-    kv = kv // tp if cfg.n_kv_heads % tp == 0 else kv  # fewer KV heads than ranks: whole on each
+    kv_replicated = cfg.n_kv_heads % tp != 0
+    kv = kv if kv_replicated else kv // tp  # fewer KV heads than ranks: whole on each
     router = d * cfg.n_experts if cfg.is_moe else 0
-    ffn = expert_params(cfg) // tp
+    sp = sequence_parallel and tp > 1
+    partial = rank.layers * ((kv if kv_replicated else 0) + ((2 * d + router) if sp else 0))
+    if rank.last and sp:
+        partial += d  # the final norm
     dense = rank.layers * (qo + kv + 2 * d + router)
-    expert = rank.layers * (cfg.n_experts // ep) * ffn if cfg.is_moe else 0
+    if cfg.is_moe:
+        ffn = expert_params(cfg) // etp
+        expert = rank.layers * (cfg.n_experts // ep) * ffn
+    else:
+        ffn = expert_params(cfg) // tp
+        expert = 0
     if not cfg.is_moe:
         dense += rank.layers * ffn
     table = (-(-cfg.vocab_size // tp) if vocab_parallel else cfg.vocab_size) * d
@@ -178,7 +229,7 @@ def rank_params(cfg: ModelConfig, tp: int, ep: int, rank: PipelineRank, pp: int,
         dense += d  # final norm
         if not cfg.tie_embeddings or pp > 1:
             dense += table  # output head (a tied head is a copy on the last stage)
-    return RankParams(dense=dense, expert=expert)
+    return RankParams(dense=dense, expert=expert, partial=partial)
 
 
 def estimate_memory(
@@ -195,6 +246,7 @@ def estimate_memory(
     dp: Optional[int] = None,
     microbatches: Optional[int] = None,
     layer_counts: Optional[Sequence[int]] = None,
+    fused_adamw: bool = True,
 ) -> MemoryEstimate:
     """Peak tensor memory of one rank of `parallel_cfg`; `stage=None` gives the stage with the most.
 
@@ -206,7 +258,7 @@ def estimate_memory(
     per_stage = estimate_memory_per_stage(
         model_cfg, parallel_cfg, micro_batch_size, seq_len, dtype, zero, activation_checkpointing,
         sequence_parallel=sequence_parallel, dp=dp, microbatches=microbatches, layer_counts=layer_counts,
-        stages=None if stage is None else [stage],
+        stages=None if stage is None else [stage], fused_adamw=fused_adamw,
     )
     return max(per_stage, key=lambda m: m.total_bytes)
 
@@ -225,7 +277,10 @@ def estimate_memory_per_stage(
     microbatches: Optional[int] = None,
     layer_counts: Optional[Sequence[int]] = None,
     stages: Optional[Sequence[int]] = None,
+    fused_adamw: bool = True,
 ) -> List[MemoryEstimate]:
+    """One estimate per pipeline rank (see estimate_memory). fused_adamw: the optimizer step's
+    kernel makes no temporaries (CUDA); False: the CPU's per-tensor AdamW (transients.py)."""
     cfg, par = model_cfg, parallel_cfg
     prec = precision(dtype)
     zero = par.zero if zero is None else zero
@@ -244,22 +299,45 @@ def estimate_memory_per_stage(
         raise PlanError("ZeRO-1 shards over the data-parallel group: pass dp= or set parallel.dp "
                         "(ParallelConfig.resolved_dp(world_size))")
     dp = dp or 1
-    if dp % par.ep:
-        raise PlanError(f"ep={par.ep} must divide dp={dp}: expert parallelism is carved out of data parallelism")
-    edp = dp // par.ep
+    etp = par.etp or par.tp  # expert tensor parallelism (moray/parallel/dims.py)
+    if (dp * par.tp) % (par.ep * etp) or par.tp % etp or (etp == par.tp and dp % par.ep):
+        raise PlanError(f"ep={par.ep} x etp={etp} must divide dp={dp} x tp={par.tp} (with etp = tp: ep must "
+                        "divide dp); see moray/parallel/dims.py")
+    edp = dp * par.tp // (par.ep * etp)
     tokens = micro_batch_size * seq_len
-    layer = layer_activation_bytes(cfg, par.tp, prec.activation, sp, par.ep)
+    layer = layer_activation_bytes(cfg, par.tp, prec.activation, sp, par.ep, etp)
     block_input = prec.activation * cfg.d_model / (par.tp if sp else 1)
+    attention = attention_activation_bytes(cfg, par.tp, prec.activation)
+    counts = (list(layer_counts) if layer_counts is not None
+              else stage_layer_counts(cfg, par.pp * v, None, par.tp, sp))
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     out = []
     for s in range(par.pp) if stages is None else stages:
         rank = ranks[s]
-        params = rank_params(cfg, par.tp, par.ep, rank, par.pp, vocab_parallel=par.tp > 1)
-        sharded = params.dense / dp + params.expert / edp if zero else params.total
+        params = rank_params(cfg, par.tp, par.ep, rank, par.pp, vocab_parallel=par.tp > 1, etp=etp,
+                             sequence_parallel=sp)
+        # ZeRO-1 (moray/parallel/zero.py): dense over dp, partial-gradient ones over dp x tp, experts over edp
+        sharded = ((params.dense - params.partial) / dp + params.partial / (dp * par.tp) + params.expert / edp
+                   if zero else params.total)
         flight = microbatches_in_flight(par.schedule, par.pp, s, m, par.virtual_stages)
         extra = stage_extra_activation_bytes(cfg, par.tp, prec.activation, rank.first, rank.last, sp)
-        recompute = tokens * layer if ac else 0.0
-        per_block = block_input if ac else layer  # checkpointing keeps only each block's input
-        activations = flight * tokens * (rank.layers * per_block + extra) + recompute
+        ids = [i for st in range(s, par.pp * v, par.pp) for i in range(starts[st], starts[st] + counts[st])]
+        kept, rebuilt = block_activation_bytes(layer, block_input, attention, ids, ac, par.recompute,
+                                               par.recompute_every)
+        recompute = tokens * rebuilt
+        activations = flight * tokens * (kept + extra) + recompute
+        workspace = backward_workspace_bytes(cfg, par.tp, par.ep, etp, prec.activation, prec.grad, tokens,
+                                             rank.first, rank.last, recompute)
+        # The optimizer step: the reduced gradients (ZeRO-1: the reduce-scatter leaves this rank its
+        # pieces only) and AdamW's workspace over the pieces it updates.
+        shards = ((dp if zero else 1), (dp * par.tp if zero else 1), (edp if zero else 1))
+        step_grads = ((params.dense - params.partial) / shards[0] + params.partial / shards[1]
+                      + params.expert / shards[2])
+        rows = -(-cfg.vocab_size // par.tp) if par.tp > 1 else cfg.vocab_size
+        dense_largest = max(rows * cfg.d_model if (rank.first or rank.last) else 0,
+                            cfg.d_model * cfg.n_heads * cfg.head_dim / par.tp)
+        expert_largest = largest_block_weight(cfg, par.tp, par.ep, etp) if cfg.is_moe else 0
+        largest_owned = max(dense_largest / shards[0], expert_largest / shards[2])
         out.append(MemoryEstimate(
             stage=s, layers=rank.layers, params=params.total,
             weights_bytes=params.total * prec.weight,
@@ -268,5 +346,9 @@ def estimate_memory_per_stage(
             activations_bytes=activations,
             microbatches_in_flight=flight,
             recompute_bytes=recompute,
+            buffers_bytes=rope_bytes(cfg, prec.activation),
+            workspace_bytes=workspace,
+            step_grads_bytes=step_grads * prec.grad,
+            step_workspace_bytes=optimizer_step_bytes(sharded, largest_owned, prec.master > 0, fused_adamw),
         ))
     return out

@@ -78,7 +78,9 @@ class PlanRequest:
             microbatches=c.parallel.microbatches, dtype=self.dtype, zero=c.parallel.zero,
             schedule=c.parallel.schedule, virtual_stages=c.parallel.virtual_stages,
             usable_fraction=self.usable_fraction, activation_checkpointing=c.parallel.activation_checkpointing,
-            sequence_parallel=c.parallel.sequence_parallel,
+            sequence_parallel=c.parallel.sequence_parallel, etp=c.parallel.etp, recompute=c.parallel.recompute,
+            recompute_every=c.parallel.recompute_every, overlap_grad_reduce=c.parallel.overlap_grad_reduce,
+            grad_bucket_bytes=c.parallel.grad_bucket_mb * 2 ** 20,
         )
 
 

@@ -100,8 +100,11 @@ def _line(label: str, text: str, wrap: bool = True) -> List[str]:
 def render_memory(m: dict) -> List[str]:
     lay, conf, chosen = m["layout"], m["configured"], m["chosen"]
     shape = f"tp {conf['tp']} x pp {conf['pp']} x ep {conf['ep']}"
+    if conf.get("etp", conf["tp"]) != conf["tp"]:
+        shape += f" (etp {conf['etp']})"
     usable = f"{gib(m['usable_bytes_per_gpu']):.1f} GiB usable of a {gib(m['memory_bytes_per_gpu']):.0f} GiB card"
-    title = (f"Memory per GPU: tp {lay['tp']} x pp {lay['pp']} x ep {lay['ep']} x dp {lay['dp']} ({lay['gpus']:,} "
+    etp = f" (etp {lay['etp']})" if lay and lay.get("etp", lay["tp"]) != lay["tp"] else ""
+    title = (f"Memory per GPU: tp {lay['tp']} x pp {lay['pp']} x ep {lay['ep']}{etp} x dp {lay['dp']} ({lay['gpus']:,} "
              f"GPUs), {m['dtype']}, {m['bytes_per_param']} bytes per parameter before ZeRO-{lay['zero']}" if lay else
              f"Memory per GPU: {shape} on {conf['gpus']:,} GPUs, {m['dtype']}: no layout fits")
     if conf["dp"] is None:
@@ -142,6 +145,12 @@ def render_memory(m: dict) -> List[str]:
                                  "fits"], rows)
 
 
+def _shape(c: dict) -> str:
+    """tp8 pp15 ep16 dp208, with etpN when the experts are split over fewer ranks than tp."""
+    etp = f" etp{c['etp']}" if c.get("etp", c["tp"]) != c["tp"] else ""
+    return f"tp{c['tp']} pp{c['pp']} ep{c['ep']}{etp} dp{c['dp']}"
+
+
 def render_layouts(s: dict, top: int = 8) -> List[str]:
     lines = heading(f"Layouts on {s['gpus']:,} GPUs: {s['feasible_count']} feasible, ranked by modelled "
                     f"step time")
@@ -149,13 +158,15 @@ def render_layouts(s: dict, top: int = 8) -> List[str]:
     for i, c in enumerate(s["feasible"][:top], 1):
         st = c["step"]
         extras = ("ckpt " if c["activation_checkpointing"] else "") + ("sp" if c["sequence_parallel"] else "")
-        rows.append([str(i), f"tp{c['tp']} pp{c['pp']} ep{c['ep']} dp{c['dp']}", str(c["micro_batch_size"]),
+        rows.append([str(i), _shape(c), str(c["micro_batch_size"]),
                      extras.strip() or "-", f"{gib(c['bytes_per_gpu']):.1f}", f"{st['step_s']:.3g}",
                      f"{st['tokens_per_s']:,.0f}", pct(st["bubble_s"] / st["step_s"]), pct(st["modeled_mfu"])])
     if rows:
         lines += table(["#", "layout", "mbs", "needs", "GiB/GPU", "step s", "tokens/s", "bubble", "model MFU"], rows)
         lines.append("  needs: ckpt = activation checkpointing, sp = sequence parallelism; "
                      "model MFU is an upper bound (no failures, no stragglers)")
+        if any(c.get("etp", c["tp"]) != c["tp"] for c in s["feasible"][:top]):
+            lines.append("  etp1: whole experts, each expert group ep consecutive ranks across tp x dp")
     kinds = ", ".join(f"{n} by {k}" for k, n in sorted(s["rejected_by_kind"].items()))
     lines.append(f"  rejected: {s['rejected_count']}" + (f" ({kinds})" if kinds else ""))
     near = sorted((x for x in s["rejected"] if x["kind"] == "memory"), key=lambda x: x["bytes_per_gpu"])[:3]
@@ -166,7 +177,7 @@ def render_layouts(s: dict, top: int = 8) -> List[str]:
     if near:
         lines.append("  closest misses on memory:")
     for rej in near + list(templates.values())[:4]:
-        lines += textwrap.wrap(f"tp{rej['tp']} pp{rej['pp']} ep{rej['ep']} dp{rej['dp']}: {rej['reason']}",
+        lines += textwrap.wrap(f"{_shape(rej)}: {rej['reason']}",
                                WIDTH, initial_indent="    - ", subsequent_indent="      ")
     return lines
 

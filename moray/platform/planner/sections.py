@@ -119,7 +119,7 @@ def memory_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     as_configured = conf is not None and chosen is conf
     prec = PRECISIONS[w.dtype]
     out = {
-        "configured": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": None, "gpus": r.gpus,
+        "configured": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp or p.tp, "dp": None, "gpus": r.gpus,
                        "runnable": check.problem is None, "problem": check.problem, "fits": as_configured,
                        **(_layout_dict(conf) if conf is not None else {})},
         "fits_as_configured": as_configured,
@@ -138,7 +138,8 @@ def memory_section(r: PlanRequest, done: Dict[str, dict]) -> dict:
     lay, m = shown.layout, shown.step.microbatches
     par = ParallelConfig(tp=lay.tp, pp=lay.pp, ep=lay.ep, dp=lay.dp, microbatches=m, schedule=p.schedule,
                          virtual_stages=p.virtual_stages, zero=p.zero,
-                         activation_checkpointing=lay.activation_checkpointing)
+                         activation_checkpointing=lay.activation_checkpointing, etp=lay.etp,
+                         recompute=p.recompute, recompute_every=p.recompute_every)
     args = (r.model, par, lay.micro_batch_size, w.seq_len, w.dtype)
     stages = list(range(lay.pp)) if lay.pp <= MAX_STAGES_LISTED else sorted({0, 1, lay.pp - 1})
     per_stage = estimate_memory_per_stage(*args, sequence_parallel=lay.sequence_parallel, stages=stages)

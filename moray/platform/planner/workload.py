@@ -30,6 +30,11 @@ class Workload:
     activation_checkpointing: bool = False  # the configured layout's setting (the search tries both)
     sequence_parallel: bool = False  # the configured layout's setting (the search tries both at tp > 1)
     allow_sequence_parallel: bool = True  # let the search split token-wise tensors over tensor ranks
+    etp: Optional[int] = None  # the configured expert tensor parallelism (None = tp; the search tries tp and 1)
+    recompute: str = "block"  # what checkpointing recomputes: "block" or "attention" (parallel.recompute)
+    recompute_every: int = 1  # checkpoint blocks whose index is a multiple of this (parallel.recompute_every)
+    overlap_grad_reduce: bool = True  # gradient buckets reduce during the last backward (parallel.*)
+    grad_bucket_bytes: float = 25 * 2 ** 20
 
     @property
     def usable_bytes(self) -> float:
