@@ -144,8 +144,7 @@ def layout_rows(r: PlanRequest, a100) -> List[dict]:
     rows.append(row("MFU of that layout (step model, no failures)", "32%-36%", pct(fastest.step.modeled_mfu), "",
                     f"the fastest fitting expert-parallel degree: {fastest.layout.label}, {fastest.step.microbatches} "
                     f"microbatches of {fastest.layout.micro_batch_size}, bubble "
-                    f"{pct(fastest.step.bubble_s / fastest.step.step_s)} of the step; moray keeps the output head "
-                    "whole on every tensor rank", ""))
+                    f"{pct(fastest.step.bubble_s / fastest.step.step_s)} of the step", ""))
     return rows
 
 
