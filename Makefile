@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/checkpoint_stall.py
 	$(BIN)/python bench/pretrain_overhead.py
 	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/grad_overlap.py
+	$(BIN)/python bench/serve_engine.py
+	$(BIN)/python bench/serve_spec.py
+	$(BIN)/python bench/serve_experts.py
+	$(BIN)/python bench/serve_stages.py
+	$(BIN)/python bench/serve_http_hops.py
+	$(BIN)/python bench/serve_http.py
+	$(BIN)/python bench/router.py
 
 clean:
 	rm -rf $(VENV) runs data
