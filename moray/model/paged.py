@@ -135,6 +135,15 @@ class _Prefill:
     seq_len: int
     blocks: torch.Tensor  # (ceil(seq_len / bs),) block ids holding the context
     mask: torch.Tensor  # (qlen, seq_len) bool: query i sees keys j <= seq_len - qlen + i
+    biases: dict = field(default_factory=dict)  # (dtype, g) -> the mask as SDPA's additive bias
+
+    def bias(self, dtype: torch.dtype, g: int) -> torch.Tensor:
+        """(g * qlen, seq_len): made once per step, not converted from bool again in every layer."""
+        key = (dtype, g)
+        if key not in self.biases:
+            self.biases[key] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf")).repeat(g, 1)
+        return self.biases[key]
 
 
 @dataclass
@@ -241,10 +250,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[plan.short_rows[real]] = y[real]
     for p in plan.prefills:
         qlen = p.end - p.start
-        qp = q[p.start:p.end].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * qlen, hd)
-        kp = gather_blocks(k_cache, p.blocks).flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)  # (nkv, n, hd)
-        vp = gather_blocks(v_cache, p.blocks).flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)
-        y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask.repeat(g, 1))  # (nkv, g*qlen, hd)
+        # 4-d (1, nkv, g*qlen, hd): the CPU's flash kernel takes only 4-d inputs, and a 3-d call
+        # falls back to the math path (bmm, where, softmax): 3.5x slower at 256 tokens.
+        qp = q[p.start:p.end].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(1, nkv, g * qlen, hd)
+        kp = gather_blocks(k_cache, p.blocks).flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)[None]
+        vp = gather_blocks(v_cache, p.blocks).flatten(0, 1)[:p.seq_len].transpose(0, 1).to(q.dtype)[None]
+        y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.bias(q.dtype, g))  # (1, nkv, g*qlen, hd)
         out[p.start:p.end] = y.view(nkv, g, qlen, hd).permute(2, 0, 1, 3).reshape(qlen, nh, hd)
     return out
 
