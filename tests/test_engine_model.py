@@ -205,3 +205,81 @@ def test_dense_model_has_no_expert_stats():
     res = ex.execute([SeqChunk([1, 2, 3], 0, [0], True)])
     assert res.expert_tokens is None and res.experts_touched == []
     assert math.isfinite(res.logits.sum().item())
+
+
+@pytest.mark.parametrize("mlp,fuse,dtype", [("swiglu", True, torch.bfloat16), ("swiglu", False, torch.float32),
+                                            ("gelu", False, torch.float32)])
+def test_prepacked_expert_products_equal_the_grouped_product(mlp, fuse, dtype):
+    """Serving's per-expert products on oneDNN-packed weights (layout.prepack_experts) against the
+    grouped product on the same weights, empty experts included; autograd keeps the grouped one."""
+    from moray.model.moe import GroupedExperts
+    from moray.serve.engine.layout import can_prepack, column_major_experts, fuse_projections, prepack_experts
+
+    if not can_prepack(torch.device("cpu"), dtype):
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 48, mlp)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    experts.to(dtype).requires_grad_(False)
+    if dtype == torch.bfloat16:
+        column_major_experts(experts)
+    if fuse:
+        fuse_projections(experts)
+    counts = torch.tensor([3, 0, 6, 1])
+    x = torch.randn(int(counts.sum()), 32, dtype=dtype)
+    with torch.inference_mode():
+        want = experts(x, counts)  # not packed yet: the grouped product
+        assert prepack_experts(experts) == 1 and experts.serve_products is not None
+        assert set(experts.serve_products) == ({"w13", "w2"} if fuse else {"w1", "w3", "w2"} if mlp == "swiglu"
+                                               else {"w1", "w2"})
+        got = experts(x, counts)
+        empty = experts(x[:0], torch.zeros(4, dtype=torch.long))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    assert empty.shape == (0, 32)
+    calls = []
+    experts.serve_products = {k: [lambda a, f=f: calls.append(1) or f(a) for f in v]
+                              for k, v in experts.serve_products.items()}
+    with torch.enable_grad():
+        experts(x, counts)
+    assert not calls  # with autograd on (training, never serving) the grouped product runs
+    with torch.inference_mode():
+        experts(x, counts)
+    assert len(calls) == 3 * (2 if fuse or mlp == "gelu" else 3)  # three experts with rows
+
+
+def test_executor_prepacks_experts_on_the_cpu_only_where_it_can():
+    from moray.serve.engine.layout import can_prepack
+
+    assert not can_prepack(torch.device("cpu"), torch.float16)
+    assert not can_prepack(torch.device("meta"), torch.bfloat16)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_hidden=48,
+                      n_experts=4, top_k=2, max_seq_len=64)
+    model = build_model(cfg).to(torch.bfloat16)
+    ModelExecutor(model, num_blocks=8, block_size=4)
+    packed = [m.feed_forward.experts.serve_products is not None for m in model.layers.values()]
+    assert packed == [can_prepack(torch.device("cpu"), torch.bfloat16)] * 2
+
+
+def test_prepacked_dense_products_equal_the_linear_ones():
+    from moray.serve.engine.layout import can_prepack, fuse_projections, prepack_linears
+
+    if not can_prepack(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=1, ffn_hidden=48,
+                      n_experts=4, top_k=2, max_seq_len=64)
+    model = build_model(cfg).requires_grad_(False)
+    fuse_projections(model)
+    att = model.layers["0"].attention
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        want_head, want_wo, want_qkv = model.output(x), att.wo(x), torch.nn.functional.linear(x, att.serve_wqkv)
+        assert prepack_linears(model) == 1 + 3  # the q/k/v stack; the head, wo, the router
+        assert "forward" not in att.wq.__dict__  # stacked: the paged step reads serve_wqkv_product
+        torch.testing.assert_close(model.output(x), want_head, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(att.wo(x), want_wo, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(att.serve_wqkv_product(x), want_qkv, rtol=1e-5, atol=1e-5)
+        assert model.output(x[:0]).shape == (0, 5, 64)
+        assert prepack_linears(model) == 1  # already packed linears are left alone

@@ -219,35 +219,6 @@ def test_grouped_mm_forward_and_backward_equal_the_per_expert_loop():
     assert gw[1].abs().max() == 0  # the empty group's weight gets exactly nothing
 
 
-@pytest.mark.parametrize("mlp,fused,dtype", [("swiglu", False, torch.float32), ("swiglu", True, torch.bfloat16),
-                                               ("gelu", False, torch.float32)])
-def test_padded_expert_product_equals_the_grouped_one_where_it_is_taken(mlp, fused, dtype):
-    """CPU serving's padded path (one bmm per weight, decode-sized batches) against the grouped
-    product, and the cases that must keep the grouped one."""
-    from moray.model import moe as moe_mod
-
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, 32, 48, mlp)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    experts.to(dtype)
-    if fused:
-        experts.w13 = torch.cat([experts.w1, experts.w3], dim=-1).detach()
-    counts = torch.tensor([3, 1, 4, 2])  # every expert has rows; padding 16 rows for 10
-    x = torch.randn(int(counts.sum()), 32, dtype=dtype)
-    with torch.inference_mode():
-        rows = moe_mod.padded_rows(x, counts, 48)
-        assert rows is not None and rows.m == 4
-        got = experts(x, counts)
-        want = experts._ffn(x, lambda a, w: grouped_mm(a, w, counts))
-    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
-    with torch.inference_mode():
-        assert moe_mod.padded_rows(x[:9], torch.tensor([3, 1, 5, 0]), 48) is None  # an empty expert
-        assert moe_mod.padded_rows(x, torch.tensor([7, 1, 1, 1]), 48) is None  # 28 padded rows for 10
-        assert moe_mod.padded_rows(x, counts, 1 << 14) is None  # big experts: the work outweighs the calls
-    assert moe_mod.padded_rows(x, counts, 48) is None  # autograd on: training keeps the grouped product
-
-
 # ---------------------------------------------------------------- parameters and init
 
 

@@ -13,7 +13,7 @@ the last stage's loss still trains the router; the values are kept for logging.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,9 @@ class GroupedExperts(nn.Module):
         # Serving only (serve/engine/layout.py): w1 and w3 side by side, (E, D, 2F), with w1 and w3
         # views of it, so gate and up are one grouped product. Not a parameter: names stay w1/w3.
         self.w13: Optional[torch.Tensor] = None
+        # Serving only (serve/engine/layout.py, CPU): {"w13" | "w1" | "w3" | "w2": one callable per
+        # expert, a -> a @ that expert's weight}, each on a weight prepacked for the CPU's kernels.
+        self.serve_products: Optional[Dict[str, List[Callable]]] = None
 
     @property
     def num_local_experts(self) -> int:
@@ -115,71 +118,32 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (A, D) sorted by expert, counts (E,) -> (A, D)."""
-        rows = padded_rows(x, counts, self.w2.shape[1])
-        if rows is not None:  # CPU serving, decode-sized: one batched product per weight
-            return rows.unpad(self._ffn(rows.pad(x), torch.bmm))
-        return self._ffn(x, lambda a, w: grouped_mm(a, w, counts))
+        products = getattr(self, "serve_products", None)
+        if products is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._per_expert(x, counts, products)
+        return self._ffn(x, lambda a, name: grouped_mm(a, getattr(self, name), counts))
 
-    def _ffn(self, x: torch.Tensor, mm) -> torch.Tensor:
-        """The experts' MLP on rows sorted by expert ((A, D), mm a grouped product) or padded
-        per expert ((E, m, D), mm torch.bmm)."""
+    def _per_expert(self, x: torch.Tensor, counts: torch.Tensor, products) -> torch.Tensor:
+        """Serving on the CPU: each expert that has rows, on its prepacked weights (layout.py says
+        why this beats one grouped product)."""
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                outs.append(self._ffn(x[start:start + n], lambda a, name: products[name][e](a)))
+                start += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0] if outs else x.new_zeros(0, x.shape[-1])
+
+    def _ffn(self, x: torch.Tensor, mm: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+        """The experts' MLP; mm(a, name) multiplies rows by the weight `name` (w13, w1, w3, w2)."""
         if self.w13 is not None:
-            gate, up = mm(x, self.w13).chunk(2, dim=-1)  # (.., F) each
-            return mm(F.silu(gate) * up, self.w2)  # (.., D)
-        h = mm(x, self.w1)  # (.., F)
+            gate, up = mm(x, "w13").chunk(2, dim=-1)  # (A, F) each
+            return mm(F.silu(gate) * up, "w2")  # (A, D)
+        h = mm(x, "w1")  # (A, F)
         if self.w3 is not None:
-            h = F.silu(h) * mm(x, self.w3)
+            h = F.silu(h) * mm(x, "w3")
         else:
             h = F.gelu(h, approximate="tanh")
-        return mm(h, self.w2)  # (.., D)
-
-
-# At most this many routed rows take the padded path; above it (prefill chunks) a grouped
-# product's per-expert calls are cheap next to their work and padding would only add rows.
-PADDED_MAX_ROWS = 256
-# Nor experts bigger than this (d_model x ffn_hidden): there the work outweighs the calls. At
-# 256 x 512 padding wins (above); at 768 x 1536 it loses 3-16% at batch 16-64 (bf16, 2 threads).
-PADDED_MAX_EXPERT_SIZE = 1 << 18
-
-
-class PaddedRows:
-    """Rows sorted by expert, laid out as (E, m, D) with m the largest expert's count and zero
-    rows after each expert's own (their outputs are dropped, and zero rows stay zero through
-    the MLP's activations)."""
-
-    def __init__(self, flat: torch.Tensor, n_experts: int, m: int):
-        self.flat, self.n_experts, self.m = flat, n_experts, m  # flat: each row's index in (E*m)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(self.n_experts * self.m, x.shape[-1]).index_copy_(0, self.flat, x).view(
-            self.n_experts, self.m, -1)
-
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(self.n_experts * self.m, -1).index_select(0, self.flat)
-
-
-def padded_rows(x: torch.Tensor, counts: torch.Tensor, hidden: int) -> Optional[PaddedRows]:
-    """The padded layout when it is the faster CPU path, else None (hidden: an expert's ffn width).
-
-    On the CPU each expert's product in torch._grouped_mm is its own oneDNN call (~45 us at
-    decode sizes, whatever the rows), so with a few tokens per expert the calls cost more than
-    the work: at batch 16 (top-2 of 8) one torch.bmm over padded rows takes the expert MLP from
-    727 to 558 us, at 64 from 1,038 to 782 (bf16, 2 threads). It is taken only in inference
-    (no autograd through it), when every expert has rows (else the padding computes whole
-    experts for nothing; copying the touched experts' weights out costs more than it saves)
-    and the padding at most doubles the rows (with more, skewed routing measured slower)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.shape[0] > PADDED_MAX_ROWS or counts.numel() < 2:
-        return None
-    if x.shape[-1] * hidden > PADDED_MAX_EXPERT_SIZE:
-        return None
-    per_expert = counts.tolist()
-    m = max(per_expert)
-    if min(per_expert) == 0 or m * len(per_expert) > 2 * x.shape[0]:
-        return None
-    starts = counts.cumsum(0) - counts
-    expert = torch.repeat_interleave(torch.arange(len(per_expert), device=x.device), counts)
-    flat = expert * m + (torch.arange(x.shape[0], device=x.device) - starts[expert])
-    return PaddedRows(flat, len(per_expert), m)
+        return mm(h, "w2")  # (A, D)
 
 
 class MLP(nn.Module):

@@ -268,7 +268,9 @@ def qkv_to_cache(att, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv:
     # Head counts from the weights, as Attention.forward does (a tensor-parallel shard has fewer).
     wqkv = getattr(att, "serve_wqkv", None)  # wq, wk, wv stacked (serve/engine/layout.py): one product
     if wqkv is not None:
-        q, k, v = F.linear(x, wqkv).split([att.wq.out_features, att.wk.out_features, att.wv.out_features], -1)
+        product = getattr(att, "serve_wqkv_product", None)  # the stack prepacked for the CPU (layout.py)
+        qkv = product(x) if product is not None else F.linear(x, wqkv)
+        q, k, v = qkv.split([att.wq.out_features, att.wk.out_features, att.wv.out_features], -1)
     else:
         q, k, v = att.wq(x), att.wk(x), att.wv(x)
     q = q.view(T, -1, hd)  # (T, nh, hd)

@@ -14,6 +14,21 @@ Products that read the same input are stacked (`fuse_projections`): wq, wk and w
 becoming views of the stacked tensor (no second copy, names unchanged). At decode sizes a
 product's cost is mostly per call, not per FLOP: on one core in bf16, 8 experts' gate and up at
 16 tokens take 383 us as two grouped products and 263 us as one (128 tokens: 1,514 and 1,018).
+
+On the CPU each expert's weights are also prepacked into oneDNN's blocked layout
+(`prepack_experts`; the weight prepacking torch.compile's CPU backend does when freezing), and a
+serving step multiplies each expert that has rows by its packed weights instead of one grouped
+product, which makes one unpacked oneDNN call per expert, empty ones included. For the whole
+expert MLP over 8 experts, bf16, 2 threads (bit-identical outputs):
+
+    d 256, ffn 512:    tokens 1: 204 -> 117 us; 16: 752 -> 573; 64: 1,159 -> 817; 1,024: 10.2 -> 6.1 ms
+    d 768, ffn 1536:   tokens 1: 583 -> 271 us; 16: 4.3 -> 3.0 ms; 64: 5.8 -> 4.5; 1,024: 41.7 -> 37.2
+
+Cold in cache (64 weights of 768 x 3072, 302 MB) a product of 4 rows streams 25.7 GB/s packed
+against 14.2 unpacked. The dense products (stacked q/k/v, wo, the router, the output head) are
+packed the same way (`prepack_linears`). The packed copies are kept beside the weights (which
+stay for everything that reads the model by name), so on the CPU the weights take twice their
+memory; the 286M reference model decodes 1.3-1.5x faster for it.
 """
 
 from __future__ import annotations
@@ -82,3 +97,61 @@ def fuse_projections(model: nn.Module) -> int:
             m.w13 = w13
             made += 1
     return made
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear: CPU builds with mkldnn, float32 or bfloat16 weights."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedProduct:
+    """a -> a @ w for one (K, N) weight, prepacked once for oneDNN (a callable, so the model only
+    sees `serve_products[name][e](rows)`); a may have leading dims."""
+
+    def __init__(self, w: torch.Tensor, rows_hint: int = 1):
+        self.k, self.n = w.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows_hint)  # from (N, K)
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        lead = a.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(a.reshape(-1, self.k), self.packed, None, "none", [None], "")
+        return y.view(*lead, self.n)
+
+
+@torch.no_grad()
+def prepack_experts(model: nn.Module) -> int:
+    """Give every GroupedExperts of `model` its per-expert packed products (after fuse_projections,
+    so gate and up stay one product); returns how many layers were packed."""
+    packed = 0
+    for m in model.modules():
+        if not isinstance(m, GroupedExperts) or getattr(m, "serve_products", None) is not None:
+            continue
+        names = ("w13", "w2") if m.w13 is not None else ("w1", "w3", "w2") if m.w3 is not None else ("w1", "w2")
+        m.serve_products = {n: [PackedProduct(w) for w in getattr(m, n).detach()] for n in names}
+        packed += 1
+    return packed
+
+
+@torch.no_grad()
+def prepack_linears(model: nn.Module) -> int:
+    """The dense products a serving step runs, on packed weights too: the stacked q/k/v
+    (`serve_wqkv_product`, read by model/paged.py) and every bias-free nn.Linear other than
+    wq/wk/wv when they are stacked (the output head, wo, the router, dense MLPs), whose forward
+    becomes the packed product (hooks, such as tensor parallelism's sum over wo, still run).
+    Returns how many were packed."""
+    from moray.model.layers import Attention
+
+    stacked = set()
+    for m in model.modules():
+        if isinstance(m, Attention) and getattr(m, "serve_wqkv", None) is not None:
+            m.serve_wqkv_product = PackedProduct(m.serve_wqkv.t())
+            stacked.update(id(lin) for lin in (m.wq, m.wk, m.wv))
+    packed = len(stacked) // 3
+    for m in model.modules():
+        if (isinstance(m, nn.Linear) and m.bias is None and id(m) not in stacked
+                and "forward" not in m.__dict__ and m.weight.dtype in (torch.float32, torch.bfloat16)):
+            m.forward = PackedProduct(m.weight.detach().t())
+            packed += 1
+    return packed
+
