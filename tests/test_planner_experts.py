@@ -4,31 +4,15 @@ all-gather, selective recomputation. (Against real ranks: tests/test_parallel.py
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from dist_utils import tiny_config
+from planner_helpers import gpt4, workload  # noqa: F401 (gpt4 is a fixture)
 from moray.parallel import LayoutError, ParallelConfig, ParallelDims
 from moray.parallel.engine import check_schedule
-from moray.platform.config import load_config
-from moray.platform.planner.catalogue import get_accelerator
 from moray.platform.planner.layouts import Layout, best_variant, memory_of, search_layouts, structural_problem
 from moray.platform.planner.memory import estimate_memory
 from moray.platform.planner.steptime import estimate_step
-from moray.platform.planner.workload import Workload
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def gpt4():
-    return load_config(CONFIGS / "gpt4.yaml").model
-
-
-def workload(cfg, seq_len: int = 8192, **kw) -> Workload:
-    return Workload(model=cfg, accelerator=get_accelerator("a100-40gb"), gpus_per_node=8, seq_len=seq_len,
-                    micro_batch_size=1, batch_tokens=60_000_000, **kw)
 
 
 def test_ep_may_span_tp_when_experts_are_whole(gpt4):

@@ -4,30 +4,14 @@ tests/test_bf16.py; these are the planner's own decisions.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from planner_helpers import gpt4, workload  # noqa: F401 (gpt4 is a fixture)
 from moray.parallel.config import ParallelConfig
-from moray.platform.config import load_config
 from moray.platform.planner.activations import stage_extra_activation_bytes
-from moray.platform.planner.catalogue import get_accelerator
 from moray.platform.planner.layouts import Layout, best_variant, memory_of, structural_problem
 from moray.platform.planner.memory import PipelineRank, estimate_memory, rank_params
 from moray.platform.planner.steptime import estimate_step
-from moray.platform.planner.workload import Workload
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def gpt4():
-    return load_config(CONFIGS / "gpt4.yaml").model
-
-
-def workload(cfg, seq_len: int = 8192, **kw) -> Workload:
-    return Workload(model=cfg, accelerator=get_accelerator("a100-40gb"), gpus_per_node=8, seq_len=seq_len,
-                    micro_batch_size=1, batch_tokens=60_000_000, **kw)
 
 
 def test_head_and_embedding_are_a_tensor_ranks_share(gpt4):

@@ -131,7 +131,9 @@ class GroupedExperts(nn.Module):
             if n:
                 outs.append(self._ffn(x[start:start + n], lambda a, name: products[name][e](a)))
                 start += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0] if outs else x.new_zeros(0, x.shape[-1])
+        if not outs:
+            return x.new_zeros(0, x.shape[-1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _ffn(self, x: torch.Tensor, mm: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
         """The experts' MLP; mm(a, name) multiplies rows by the weight `name` (w13, w1, w3, w2)."""

@@ -107,15 +107,9 @@ def build_stage(src, layout: ServeLayout, rank: int, tp_group, ep_group, dtype: 
         reduce_attention_over_tp(model, tp_group)
     if layout.ep > 1:
         slice_moe_tokens(model, ep_group, layout.coords(rank).ep, layout.ep)
-    from moray.serve.engine.layout import (can_prepack, column_major_experts, prepack_experts, prepack_linears,
-                                          wants_column_major_experts)
+    from moray.serve.engine.layout import lay_out_for_serving
 
-    dtype_here = next(model.parameters()).dtype
-    if wants_column_major_experts(torch.device(device), dtype_here):
-        column_major_experts(model)  # as the in-process executor does (layout.py)
-    if can_prepack(torch.device(device), dtype_here):
-        prepack_experts(model)
-        prepack_linears(model)
+    lay_out_for_serving(model, torch.device(device), fuse=False)  # as the in-process executor does
     return model.eval()
 
 

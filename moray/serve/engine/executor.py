@@ -25,8 +25,7 @@ from moray.model.config import ModelConfig
 from moray.model.paged import SeqChunk, allocate_kv_caches, forward_paged, moe_step_stats, prepare_step  # noqa: F401 (re-exported)
 from moray.model.transformer import Transformer
 from moray.serve.engine.decode_graphs import DecodeGraphs, default_sizes, why_not_capturable
-from moray.serve.engine.layout import (can_prepack, column_major_experts, fuse_projections, prepack_experts,
-                                      prepack_linears, wants_column_major_experts)
+from moray.serve.engine.layout import lay_out_for_serving
 
 
 class ExecutorFailure(RuntimeError):
@@ -74,12 +73,7 @@ class ModelExecutor:
             raise ValueError(f"the model is on {model.rope_cos.device} but the executor was asked for "
                              f"{self.device}; move the model first (model.to(device))")
         self.dtype = dtype or next(model.parameters()).dtype  # of the cache; compute stays the model's
-        if wants_column_major_experts(self.device, next(model.parameters()).dtype):
-            column_major_experts(model)  # ~5x faster bf16 expert products on this CPU (layout.py)
-        fuse_projections(model)  # q/k/v and each expert's gate/up as one product each (layout.py)
-        if can_prepack(self.device, next(model.parameters()).dtype):
-            prepack_experts(model)  # each expert's products on oneDNN-packed weights (layout.py)
-            prepack_linears(model)  # and the dense ones
+        lay_out_for_serving(model, self.device)  # stacked and (CPU) prepacked products (layout.py)
         mode = decode_graphs
         if mode is None:
             mode = "cuda" if why_not_capturable(model, self.device) is None else "off"

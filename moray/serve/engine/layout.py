@@ -6,8 +6,9 @@ for torch._grouped_mm over 8 experts (256 x 512) in bf16 on one core, 3.7 ms row
 against 0.79 ms column-major at 16 tokens, 201 ms against 39 ms at 1,024 tokens; in float32
 the two are within 10%. The stacked expert weights (E, D, F) are kept row-major for training
 (torchtitan's layout, the grouped product's backward and DCP shards read them so), so
-serving re-strides its own copy: each expert column-major, the same (E, D, F) shape and
-parameter names, so nothing that reads the model by name notices.
+serving re-strides its own copy where its products are not prepacked (below): each expert
+column-major, the same (E, D, F) shape and parameter names, so nothing that reads the model by
+name notices.
 
 Products that read the same input are stacked (`fuse_projections`): wq, wk and wv into one
 (`serve_wqkv`), an expert's gate w1 and up w3 into one (E, D, 2F) (`w13`), the old parameters
@@ -154,4 +155,19 @@ def prepack_linears(model: nn.Module) -> int:
             m.forward = PackedProduct(m.weight.detach().t())
             packed += 1
     return packed
+
+
+def lay_out_for_serving(model: nn.Module, device: torch.device, fuse: bool = True) -> None:
+    """Everything serving does to its copy of the weights, in order (the module doc says why).
+    Packed products replace the grouped one, so experts are re-strided only where nothing is
+    packed. fuse=False keeps wq/wk/wv and w1/w3 apart (a stage runner's tensor-parallel shards)."""
+    dtype = next(model.parameters()).dtype
+    packing = can_prepack(device, dtype)
+    if not packing and wants_column_major_experts(device, dtype):
+        column_major_experts(model)
+    if fuse:
+        fuse_projections(model)
+    if packing:
+        prepack_experts(model)
+        prepack_linears(model)
 
